@@ -1,0 +1,40 @@
+# Two entry points do all set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel here; elsewhere set TORCH="torch" (or any spec) for the platform's normal build.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test lint format summary clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,onnx]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: train the default recipe (cifar10-fast) on CIFAR-10.
+train: $(STAMP)
+	$(VENV)/bin/googlenet train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests bench
+	$(PY) -m ruff check --fix src tests bench
+
+summary: $(STAMP)
+	$(VENV)/bin/googlenet summary $(ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
