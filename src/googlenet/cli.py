@@ -49,6 +49,12 @@ def _probe(side: int):  # a zero-size-batch tensor, only for the input check
 COMMANDS.append(_add_summary)
 
 
+# --- train (training helper's section) ---
+
+
+# --- evaluate / predict / export / import-torchvision (inference helper's section) ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="googlenet", description="GoogLeNet / Inception v1: build, train, evaluate, export."
