@@ -1,0 +1,248 @@
+"""Training configuration: one typed dataclass, recipes as TOML files, `--set key=value`.
+
+A config is resolved in layers: the dataclass defaults, then a recipe (a TOML file shipped in
+googlenet/recipes/ or any file given with --config; a file may name its base with
+`recipe = "..."`), then `--set` overrides. Every key and type is checked, so a typo is a
+UserError naming the key instead of a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from googlenet.errors import UserError
+
+DEFAULT_RECIPE = "cifar10-fast"
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("cifar10", "cifar100", "folder"),
+    "optimizer": ("sgd",),
+    "schedule": ("step", "onecycle", "linear", "cosine", "constant"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = DEFAULT_RECIPE  # the recipe this config started from (informational)
+    # --- model ---
+    variant: str = "cifar"  # model variant: paper | article | bn | cifar
+    num_classes: int = 0  # 0: the number of classes in the training data
+    aux_logits: bool = True  # train with the two auxiliary heads
+    aux_weight: float = 0.3  # loss = main + aux_weight * (aux1 + aux2), as in the paper
+    dropout: float = -1.0  # dropout before the classifier; negative: the variant's default
+    aux_dropout: float = -1.0  # dropout inside the aux heads; negative: the variant's default
+    # --- data ---
+    dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train and root/val sub-folders)
+    data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
+    input_size: int = 0  # training/eval side in pixels; 0: the variant's size (images resized)
+    limit_train: int = 0  # use only the first N training images (0: all) for quick runs
+    limit_val: int = 0  # use only the first N validation images (0: all)
+    # --- augmentation (training only) ---
+    crop_padding: int = 0  # random crop after zero-padding by this many pixels (0: off)
+    flip: bool = False  # random horizontal flip
+    cutout: int = 0  # side of a random square erased from each image (0: off)
+    scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect ratio 3/4-4/3
+    photometric: bool = False  # paper's photometric distortions (brightness/contrast/...)
+    # --- optimisation ---
+    epochs: int = 4  # passes over the training data
+    batch_size: int = 256  # global batch (split evenly over DDP ranks)
+    optimizer: str = "sgd"  # only SGD, as in the paper and the tutorial
+    lr: float = 0.2  # peak learning rate (step schedule: the initial one)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # L2 weight decay on conv/linear weights
+    decay_norm_bias: bool = False  # also decay BatchNorm parameters and biases
+    schedule: str = "onecycle"  # step | onecycle (= linear) | cosine | constant
+    warmup: float = 0.15  # linear/cosine: fraction of all steps spent warming up from ~0
+    step_epochs: int = 8  # step: lr = lr * gamma ** floor((1 + epoch) / step_epochs)
+    gamma: float = 0.96  # step: the factor applied every step_epochs epochs
+    label_smoothing: float = 0.1  # cross-entropy label smoothing for every head
+    clip_grad: float = 0.0  # clip the gradient norm to this (0: off)
+    # --- weight averaging (the averaged weights are validated and exported) ---
+    ema: bool = True  # exponential moving average of the weights
+    ema_decay: float = 0.999  # EMA decay per step (ramped up over the first steps)
+    polyak: bool = False  # paper's Polyak averaging: the plain mean of all iterates
+    # --- speed / hardware ---
+    precision: str = "auto"  # auto (bf16 on CPUs/GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    channels_last: bool = True  # NHWC memory format (faster convolutions with bf16)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    workers: int = 0  # torch CPU threads per process (0: torch's default)
+    # --- run ---
+    seed: int = 0  # seeds the weights, data order, augmentation and dropout
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    out: str = ""  # run folder; empty: runs/<recipe>
+
+    def validate(self) -> TrainConfig:
+        """Check values (types are checked when they are set); return self."""
+        from googlenet.model import list_variants
+
+        if self.variant not in list_variants():
+            raise UserError(
+                f"config key 'variant': unknown variant {self.variant!r}; "
+                f"expected one of {', '.join(list_variants())}"
+            )
+        for key, options in CHOICES.items():
+            if getattr(self, key) not in options:
+                raise UserError(
+                    f"config key {key!r}: expected one of {', '.join(options)}, "
+                    f"got {getattr(self, key)!r}"
+                )
+        positive = ("epochs", "batch_size", "step_epochs", "eval_every")
+        non_negative = (
+            "num_classes",
+            "input_size",
+            "limit_train",
+            "limit_val",
+            "crop_padding",
+            "cutout",
+            "weight_decay",
+            "clip_grad",
+            "aux_weight",
+            "workers",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"config key {key!r}: must be > 0, got {getattr(self, key)}")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise UserError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"config key 'lr': must be a positive number, got {self.lr}")
+        for key in ("warmup", "label_smoothing", "ema_decay", "momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"config key {key!r}: must be in [0, 1), got {getattr(self, key)}")
+        if self.ema and self.polyak:
+            raise UserError("config keys 'ema' and 'polyak' are exclusive; set one to false")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES: dict[str, type] = {
+    f.name: {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+    for f in fields(TrainConfig)
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check one value against the field's type (an int is a fine float)."""
+    if key not in FIELD_TYPES:
+        raise UserError(f"unknown config key {key!r}")
+    want = FIELD_TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise UserError(f"config key {key!r}: expected {want.__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as a TOML scalar (bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected key=value")
+    if key not in FIELD_TYPES:
+        raise UserError(f"unknown config key {key!r}")
+    if FIELD_TYPES[key] is str and not raw.startswith(('"', "'")):
+        return key, raw  # e.g. --set variant=paper, --set out=runs/x
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # not a TOML scalar: a string, which _coerce rejects for non-str keys
+    return key, _coerce(key, value)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in googlenet/recipes/."""
+    folder = resources.files("googlenet") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source}: not valid TOML ({e})") from e
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise UserError(f"{source}: config key {key!r}: tables are not supported")
+    return data
+
+
+def recipe_values(name: str) -> dict[str, Any]:
+    """The raw key/values of a shipped recipe."""
+    path = resources.files("googlenet") / "recipes" / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown recipe {name!r}; expected one of {', '.join(list_recipes())}")
+    return _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")
+
+
+def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
+    for key, value in values.items():
+        try:
+            setattr(cfg, key, _coerce(key, value))
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+
+
+def resolve_config(
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> TrainConfig:
+    """Defaults <- recipe (default cifar10-fast) or --config file <- --set overrides."""
+    if recipe is not None and config_file is not None:
+        raise UserError("give either --recipe or --config, not both")
+    cfg = TrainConfig()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        values = _read_toml(path.read_text(encoding="utf-8"), str(path))
+        base = values.get("recipe", DEFAULT_RECIPE)
+        if not isinstance(base, str):
+            raise UserError(f"{path}: config key 'recipe': expected str, got {base!r}")
+        if base in list_recipes():  # a file may start from a recipe and change a few keys
+            _apply(cfg, recipe_values(base), f"recipe {base!r}")
+        _apply(cfg, values, str(path))
+    else:
+        name = recipe or DEFAULT_RECIPE
+        _apply(cfg, recipe_values(name), f"recipe {name!r}")
+        cfg.recipe = name
+    for text in overrides:
+        key, value = parse_override(text)
+        setattr(cfg, key, value)
+    return cfg.validate()
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML (flat scalars), readable back with --config."""
+    lines = ["# googlenet training config (resolved); rerun with: googlenet train --config FILE"]
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a valid TOML basic string
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A config from to_dict() output (e.g. a checkpoint's meta["config"])."""
+    cfg = TrainConfig()
+    _apply(cfg, values, "config")
+    return cfg.validate()

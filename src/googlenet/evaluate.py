@@ -1,0 +1,548 @@
+"""Evaluate checkpoints: top-1/top-5, per-class accuracy, confusion matrix, test-time crops
+(TTA) and ensembles (softmax averaged over crops and over models, as the paper did).
+
+TTA geometry is relative to the model's input size S, so the paper's 224-pixel scheme scales
+down to 32-pixel CIFAR models: 144crop resizes the shorter side to S * {256, 288, 320, 352} / 224,
+takes the left/centre/right (top/centre/bottom) squares, from each the 4 corner and centre S x S
+crops plus the whole square resized to S, and mirrors all of them (4 x 3 x 6 x 2 = 144).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from googlenet.errors import UserError
+from googlenet.inference import (
+    Preprocess,
+    center_crop,
+    normalize,
+    resize_shorter,
+    resize_square,
+    resized_shape,
+    to_float,
+)
+
+TTA_MODES = ("none", "flip", "10crop", "144crop")
+PAPER_SCALES = (256, 288, 320, 352)  # shorter sides for a 224 crop (paper, section 7)
+TEN_CROP_SCALE = 256  # shorter side for 10crop when the checkpoint has no `resize`
+
+
+# --- crop geometry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """One test-time crop: resize the shorter side to `scale`, cut the `size` x `size` box at
+    (top, left) of the resized image, resize it to the input size, mirror it if `flip`."""
+
+    scale: int  # shorter side of the resized image
+    top: int  # box position in the resized image
+    left: int
+    size: int  # box side (== input size, or a whole square that is resized down)
+    flip: bool = False
+    weight: int = 1  # how many of the scheme's crops this view stands for (after merging)
+
+
+def _scaled(input_size: int, side_at_224: int) -> int:
+    return round(input_size * side_at_224 / 224)
+
+
+def _five(top: int, left: int, side: int, crop: int) -> list[tuple[int, int]]:
+    """The 4 corners and the centre of a side x side square at (top, left), for crop x crop."""
+    far, mid = side - crop, (side - crop) // 2
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    return [(top + t, left + lf) for t, lf in corners]
+
+
+def tta_views(
+    height: int, width: int, mode: str, input_size: int, resize: int | None = None
+) -> list[View]:
+    """Every crop of a TTA scheme for an image of height x width (before merging duplicates).
+
+    none: the plain preprocessing (shorter side to `resize` or S, centre crop S);
+    flip: that and its mirror; 10crop: 4 corners + centre of the image resized to `resize`
+    (S * 256/224 when None), and mirrors; 144crop: the paper's scheme (module docstring)."""
+    if mode not in TTA_MODES:
+        raise UserError(f"unknown TTA mode {mode!r}; expected one of {', '.join(TTA_MODES)}")
+    s = input_size
+    if mode in ("none", "flip"):
+        scale = resize or s
+        h, w = resized_shape(height, width, scale)
+        base = [View(scale, (h - s) // 2, (w - s) // 2, s)]
+    elif mode == "10crop":
+        scale = resize or _scaled(s, TEN_CROP_SCALE)
+        h, w = resized_shape(height, width, scale)
+        # Corners of the whole resized image (not of a square), as torchvision's TenCrop.
+        corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
+        base = [View(scale, t, lf, s) for t, lf in corners]
+    else:
+        base = []
+        for side_at_224 in PAPER_SCALES:
+            scale = _scaled(s, side_at_224)
+            h, w = resized_shape(height, width, scale)
+            side = min(h, w)
+            if w >= h:  # landscape (or square): left, centre, right squares
+                squares = [(0, 0), (0, (w - side) // 2), (0, w - side)]
+            else:  # portrait: top, centre, bottom squares
+                squares = [(0, 0), ((h - side) // 2, 0), (h - side, 0)]
+            for sq_top, sq_left in squares:
+                base += [View(scale, t, lf, s) for t, lf in _five(sq_top, sq_left, side, s)]
+                base.append(View(scale, sq_top, sq_left, side))  # whole square, resized to S
+    if mode == "none":
+        return base
+    return base + [View(v.scale, v.top, v.left, v.size, True) for v in base]
+
+
+def merge_views(views: Iterable[View]) -> list[View]:
+    """Identical crops merged into one view whose weight counts them (a square image has three
+    identical squares in 144crop), so the weighted average is unchanged and cheaper."""
+    merged: dict[tuple[int, int, int, int, bool], int] = {}
+    for v in views:
+        key = (v.scale, v.top, v.left, v.size, v.flip)
+        merged[key] = merged.get(key, 0) + v.weight
+    return [View(*key, weight=w) for key, w in merged.items()]
+
+
+def _cut(resized: Tensor, v: View, input_size: int) -> Tensor:
+    crop = resized[..., v.top : v.top + v.size, v.left : v.left + v.size]
+    crop = resize_square(crop, input_size)
+    return crop.flip(-1) if v.flip else crop
+
+
+def iter_view_chunks(
+    images: Tensor, views: Sequence[View], input_size: int, max_crops: int = 256
+) -> Iterator[tuple[Tensor, list[View]]]:
+    """Crops of a float 0..1 N x 3 x H x W batch, view-major ((k*N) x 3 x S x S: rows j*N..
+    (j+1)*N are view j), in chunks of about `max_crops` crops. Each scale is resized once."""
+    n = images.shape[0]
+    per_chunk = max(1, max_crops // max(n, 1))
+    resized: dict[int, Tensor] = {}
+    chunk: list[Tensor] = []
+    chunk_views: list[View] = []
+    for v in sorted(views, key=lambda v: v.scale):
+        if v.scale not in resized:
+            resized.clear()  # views are sorted by scale: drop the previous one
+            resized[v.scale] = resize_shorter(images, v.scale)
+        chunk.append(_cut(resized[v.scale], v, input_size))
+        chunk_views.append(v)
+        if len(chunk) >= per_chunk:
+            yield torch.cat(chunk), chunk_views
+            chunk, chunk_views = [], []
+    if chunk:
+        yield torch.cat(chunk), chunk_views
+
+
+def tta_crops(
+    images: Tensor, mode: str, input_size: int, resize: int | None = None
+) -> tuple[list[View], Tensor]:
+    """All crops of a TTA scheme (unmerged), as (views, N x V x 3 x S x S float 0..1)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    x = to_float(images)
+    views = tta_views(x.shape[-2], x.shape[-1], mode, input_size, resize)
+    crops = torch.stack([_cut(resize_shorter(x, v.scale), v, input_size) for v in views], 1)
+    return views, crops
+
+
+# --- running models -------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One model of an ensemble, with the preprocessing its checkpoint asks for."""
+
+    model: nn.Module  # eval-mode network returning logits
+    preprocess: Preprocess
+    name: str = ""  # checkpoint path, for messages
+    classes: list[str] = field(default_factory=list)
+    dataset: str | None = None  # meta["dataset"]
+
+
+def make_runner(model: nn.Module, bf16: bool = False) -> Callable[[Tensor], Tensor]:
+    """A function normalised batch -> float32 logits; bf16 autocast + channels_last if asked."""
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(x: Tensor) -> Tensor:
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x.contiguous(memory_format=torch.channels_last)).float()
+        return model(x).float()
+
+    return run
+
+
+def tta_probs(
+    run: Callable[[Tensor], Tensor],
+    images: Tensor,
+    pp: Preprocess,
+    mode: str = "none",
+    max_crops: int = 256,
+) -> Tensor:
+    """Softmax probabilities N x C of one model, averaged over the crops of a TTA scheme.
+    `images`: uint8 (or 0..1 float) N x 3 x H x W, all of one size."""
+    x = to_float(images)
+    n = x.shape[0]
+    if mode == "none":  # the common case, without view bookkeeping
+        crop = center_crop(resize_shorter(x, pp.shorter_side), pp.input_size)
+        return torch.softmax(run(normalize(crop, pp.mean, pp.std).contiguous()), 1)
+    views = merge_views(tta_views(x.shape[-2], x.shape[-1], mode, pp.input_size, pp.resize))
+    total = sum(v.weight for v in views)
+    acc: Tensor | None = None
+    for crops, vs in iter_view_chunks(x, views, pp.input_size, max_crops):
+        probs = torch.softmax(run(normalize(crops, pp.mean, pp.std).contiguous()), 1)
+        w = torch.tensor([v.weight for v in vs], dtype=probs.dtype)
+        part = (probs.view(len(vs), n, -1) * w.view(-1, 1, 1)).sum(0)
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    return acc / total
+
+
+def ensemble_probs(
+    runners: Sequence[tuple[Callable[[Tensor], Tensor], Preprocess]],
+    images: Tensor,
+    mode: str = "none",
+    max_crops: int = 256,
+) -> Tensor:
+    """The mean over models of their (TTA-averaged) softmax probabilities."""
+    total = sum(tta_probs(run, images, pp, mode, max_crops) for run, pp in runners)
+    return total / len(runners)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of a model (or ensemble) on one data set under one TTA scheme."""
+
+    classes: list[str]
+    confusion: Tensor  # C x C int64, rows = true class, columns = predicted
+    topk_correct: dict[int, int]  # k -> number of samples whose label is in the top k
+    tta: str = "none"
+    checkpoints: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unreadable files (folder evaluation)
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def top1(self) -> float:
+        return self.topk_correct.get(1, 0) / max(self.n, 1)
+
+    @property
+    def top5(self) -> float:
+        k = max(k for k in self.topk_correct if k <= 5)
+        return self.topk_correct[k] / max(self.n, 1)
+
+    @property
+    def per_class(self) -> list[float | None]:
+        """Accuracy per true class (None for a class with no samples)."""
+        support = self.confusion.sum(1)
+        diag = self.confusion.diagonal()
+        return [None if s == 0 else float(d) / float(s) for d, s in zip(diag, support, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoints": self.checkpoints,
+            "tta": self.tta,
+            "n": self.n,
+            "top1": self.top1,
+            "top5": self.top5,
+            "per_class": dict(zip(self.classes, self.per_class, strict=True)),
+            "skipped": self.skipped,
+        }
+
+
+class MetricAccumulator:
+    """Running confusion matrix and top-k counts over batches of probabilities."""
+
+    def __init__(self, num_classes: int, ks: Sequence[int] = (1, 5)) -> None:
+        self.c = num_classes
+        self.ks = sorted({min(k, num_classes) for k in ks})
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.topk_correct = dict.fromkeys(self.ks, 0)
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        labels = labels.long()
+        top = probs.topk(max(self.ks), dim=1).indices
+        hit = top == labels.view(-1, 1)
+        for k in self.ks:
+            self.topk_correct[k] += int(hit[:, :k].any(1).sum())
+        idx = labels * self.c + top[:, 0]
+        self.confusion += torch.bincount(idx, minlength=self.c * self.c).view(self.c, self.c)
+
+    def result(self, classes: list[str], **kw: Any) -> EvalResult:
+        topk = dict(self.topk_correct)
+        topk.setdefault(1, 0)
+        return EvalResult(list(classes), self.confusion.clone(), topk, **kw)
+
+
+def evaluate_batches(
+    runners: Sequence[tuple[Callable[[Tensor], Tensor], Preprocess]],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    classes: list[str],
+    mode: str = "none",
+    max_crops: int = 256,
+    **result_kw: Any,
+) -> EvalResult:
+    """Evaluate an ensemble (one runner = one model) on (uint8 images, labels) batches."""
+    acc = MetricAccumulator(len(classes))
+    for images, labels in batches:
+        acc.update(ensemble_probs(runners, images, mode, max_crops), labels)
+    return acc.result(classes, tta=mode, **result_kw)
+
+
+# --- data sources ---------------------------------------------------------------------------
+
+
+def _norm_name(name: str) -> str:
+    return name.strip().lower().replace("_", " ").replace("-", " ")
+
+
+def folder_classes(root: Path, classes: list[str], dataset: str | None) -> dict[str, int]:
+    """Sub-folder name -> class index, matched by name (case, '_' and '-' ignored). An ImageNet
+    folder of 1000 synset ids (n01440764 ...) maps in sorted order, the standard class order."""
+    subs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subs:
+        raise UserError(f"{root}: no class sub-folders to evaluate on")
+    index = {_norm_name(c): i for i, c in enumerate(classes)}
+    mapping = {s: index[_norm_name(s)] for s in subs if _norm_name(s) in index}
+    synsets = all(len(s) == 9 and s[0] == "n" and s[1:].isdigit() for s in subs)
+    if not mapping and synsets and len(subs) == len(classes) == 1000:
+        return {s: i for i, s in enumerate(subs)}
+    unknown = [s for s in subs if s not in mapping]
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (
+            f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
+        )
+        raise UserError(f"{root}: sub-folders match no checkpoint class: {shown}")
+    return mapping
+
+
+def folder_samples(root: Path, mapping: dict[str, int]) -> list[tuple[Path, int]]:
+    samples = []
+    for sub, label in sorted(mapping.items()):
+        for f in sorted((root / sub).rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                samples.append((f, label))
+    if not samples:
+        raise UserError(f"{root}: the class sub-folders hold no files")
+    return samples
+
+
+def folder_batches(
+    samples: Sequence[tuple[Path, int]], batch_size: int, skipped: list[str]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of same-sized images read from files (a photo folder mixes sizes, so each
+    group of batch_size files is split by size); unreadable files go to `skipped`."""
+    from googlenet.data import read_image
+
+    for i in range(0, len(samples), batch_size):
+        groups: dict[tuple[int, int], tuple[list[Tensor], list[int]]] = {}
+        for path, label in samples[i : i + batch_size]:
+            try:
+                img = read_image(path)
+            except (UserError, OSError, ValueError) as e:
+                skipped.append(str(e) if str(path) in str(e) else f"{path}: {e}")
+                print(f"googlenet evaluate: skipped {skipped[-1]}", file=sys.stderr)
+                continue
+            imgs, labels = groups.setdefault(tuple(img.shape[-2:]), ([], []))
+            imgs.append(img)
+            labels.append(label)
+        for imgs, labels in groups.values():
+            yield torch.stack(imgs), torch.tensor(labels)
+
+
+def array_batches(
+    images: Tensor, labels: Tensor, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i : i + batch_size], labels[i : i + batch_size]
+
+
+# --- the whole evaluation -------------------------------------------------------------------
+
+
+def load_members(checkpoints: Sequence[str | Path]) -> list[Member]:
+    """Load checkpoints for an ensemble; they must share their class names."""
+    from googlenet.checkpoint import load_model
+
+    if not checkpoints:
+        raise UserError("no checkpoint given")
+    members = []
+    for ckpt in checkpoints:
+        model, meta = load_model(ckpt)
+        classes = list(meta.get("classes") or [str(i) for i in range(model.num_classes)])
+        pp = Preprocess.from_meta(meta, str(ckpt))
+        members.append(Member(model, pp, str(ckpt), classes, meta.get("dataset")))
+    first = members[0]
+    for m in members[1:]:
+        if m.classes != first.classes:
+            raise UserError(
+                f"{m.name}: its classes differ from {first.name}'s; an ensemble must share classes"
+            )
+    return members
+
+
+def evaluate(
+    checkpoints: Sequence[str | Path],
+    data: str | Path | None = None,
+    tta: str = "none",
+    batch_size: int = 100,
+    limit: int | None = None,
+    bf16: bool = False,
+    max_crops: int = 256,
+    members: Sequence[Member] | None = None,
+) -> EvalResult:
+    """Evaluate one checkpoint, or the softmax-averaged ensemble of several, on the test split
+    of the checkpoints' data set (CIFAR via load_cifar, `data` = data root) or on an image
+    folder (`data` = a folder of class sub-folders named like the checkpoint's classes)."""
+    from googlenet.data import load_cifar, resolve_data_root
+
+    if tta not in TTA_MODES:
+        raise UserError(f"unknown TTA mode {tta!r}; expected one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    members = list(members) if members is not None else load_members(checkpoints)
+    first = members[0]
+    runners = [(make_runner(m.model, bf16), m.preprocess) for m in members]
+    kw: dict[str, Any] = {"checkpoints": [m.name for m in members]}
+    root = resolve_data_root(data)
+    is_folder = data is not None and root.is_dir() and _has_class_folders(root, first.classes)
+    if not is_folder and first.dataset in ("cifar10", "cifar100"):
+        ds = load_cifar(root, first.dataset, "test")
+        if [_norm_name(c) for c in ds.classes] != [_norm_name(c) for c in first.classes]:
+            raise UserError(
+                f"{first.name}: classes {first.classes} differ from {first.dataset}'s {ds.classes}"
+            )
+        if limit is not None:
+            ds = ds.subset(limit)
+        batches = array_batches(ds.images, ds.labels, batch_size)
+        total = len(ds)
+    else:
+        if not root.is_dir():
+            raise UserError(
+                f"{root}: no such folder; for a {first.dataset or 'folder'} checkpoint give "
+                "--data pointing at a folder of class sub-folders"
+            )
+        samples = folder_samples(root, folder_classes(root, first.classes, first.dataset))
+        if limit is not None and limit < len(samples):
+            step = len(samples) / max(limit, 1)  # evenly spread, so every class is seen
+            samples = [samples[int(i * step)] for i in range(limit)]
+        skipped: list[str] = []
+        kw["skipped"] = skipped
+        batches = folder_batches(samples, batch_size, skipped)
+        total = len(samples)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"evaluate ({tta})", unit="img", disable=None, leave=False)
+
+    def counted(it: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in it:
+            yield images, labels
+            bar.update(len(labels))
+
+    try:
+        return evaluate_batches(runners, counted(batches), first.classes, tta, max_crops, **kw)
+    finally:
+        bar.close()
+
+
+def _has_class_folders(root: Path, classes: list[str]) -> bool:
+    names = {_norm_name(c) for c in classes}
+    subs = [p.name for p in root.iterdir() if p.is_dir()]
+    return any(_norm_name(s) in names for s in subs) or (
+        len(subs) == len(classes) == 1000 and all(s.startswith("n") for s in subs)
+    )
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def format_result(result: EvalResult, max_rows: int = 20) -> str:
+    """A compact text table: overall accuracy, then per-class accuracy (worst and best when
+    there are many classes)."""
+    head = " + ".join(Path(c).name for c in result.checkpoints) or "model"
+    lines = [
+        f"{head}  tta={result.tta}  n={result.n}",
+        f"top-1 {100 * result.top1:6.2f}%   top-5 {100 * result.top5:6.2f}%",
+    ]
+    rows = [(c, a) for c, a in zip(result.classes, result.per_class, strict=True) if a is not None]
+    if rows:
+        width = min(max(len(c) for c, _ in rows), 30)
+        if len(rows) > max_rows:
+            ordered = sorted(rows, key=lambda r: r[1])
+            half = max_rows // 2
+            shown = [*ordered[:half], ("...", None), *ordered[-half:]]
+            lines.append(f"per-class accuracy (worst {half} and best {half} of {len(rows)}):")
+        else:
+            shown = rows
+            lines.append("per-class accuracy:")
+        for c, a in shown:
+            lines.append(f"  {c[:width]:<{width}}  " + ("" if a is None else f"{100 * a:6.2f}%"))
+    if result.skipped:
+        lines.append(f"skipped {len(result.skipped)} unreadable files")
+    return "\n".join(lines)
+
+
+def write_report(result: EvalResult, out_dir: str | Path) -> list[Path]:
+    """metrics.json, confusion.json and confusion.png (matplotlib Agg) in `out_dir`."""
+    from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.json"
+    atomic_write_text(metrics, json.dumps(result.to_dict(), indent=2) + "\n")
+    confusion = out / "confusion.json"
+    cm = {"classes": result.classes, "rows": "true", "columns": "predicted"}
+    cm["matrix"] = result.confusion.tolist()
+    atomic_write_text(confusion, json.dumps(cm) + "\n")
+    png = out / "confusion.png"
+    atomic_write_bytes(png, confusion_png(result))
+    return [metrics, confusion, png]
+
+
+def confusion_png(result: EvalResult) -> bytes:
+    """The confusion matrix, row-normalised, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = result.confusion.double()
+    norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    c = len(result.classes)
+    size = min(4 + 0.45 * c, 14)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"top-1 {100 * result.top1:.2f}% (tta={result.tta}, n={result.n})")
+    if c <= 30:
+        ax.set_xticks(range(c), result.classes, rotation=90)
+        ax.set_yticks(range(c), result.classes)
+        if c <= 12:
+            for i in range(c):
+                for j in range(c):
+                    v = int(cm[i, j])
+                    color = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,220 @@
+"""Export a checkpoint's eval-mode model (logits only) to ONNX or TorchScript, and check the
+exported file against the PyTorch model on random and real inputs before reporting success.
+
+onnx/onnxruntime are an optional extra (`pip install googlenet[onnx]`), imported lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from googlenet.errors import UserError
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+OPSET = 17
+TOLERANCE = 1e-4  # max |logit difference| accepted between PyTorch and the export (fp32)
+
+
+@dataclass
+class ExportReport:
+    """Where the export went and how far its outputs are from PyTorch's."""
+
+    path: Path
+    format: str
+    diffs: dict[str, float] = field(default_factory=dict)  # input kind -> max |diff| of logits
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_diff(self) -> float:
+        return max(self.diffs.values(), default=float("nan"))
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(
+            f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
+            "pip install 'googlenet[onnx]'"
+        ) from e
+    return onnx, onnxruntime
+
+
+def onnx_bytes(model: nn.Module, input_size: int, meta: dict[str, Any] | None = None) -> bytes:
+    """The eval-mode model as ONNX (opset 17, dynamic batch axis), with the checkpoint's class
+    names and preprocessing in the model's metadata_props."""
+    onnx, _ = _require_onnx()
+    model = model.eval()
+    example = torch.zeros(2, 3, input_size, input_size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        # The TorchScript-based exporter: GoogLeNet is plain convolutions, it exports cleanly
+        # and needs no onnxscript at run time.
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in _meta_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _meta_props(meta: dict[str, Any] | None) -> dict[str, str]:
+    if not meta:
+        return {}
+    keep = {k: meta[k] for k in ("model", "classes", "preprocess", "dataset") if k in meta}
+    return {"googlenet": json.dumps(keep)}
+
+
+def torchscript_bytes(
+    model: nn.Module, input_size: int, meta: dict[str, Any] | None = None
+) -> bytes:
+    """The eval-mode model traced to TorchScript, meta as extra file 'googlenet.json'."""
+    model = model.eval()
+    example = torch.zeros(2, 3, input_size, input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace(model, example, check_trace=False)
+        buf = io.BytesIO()
+        extra = {f"{k}.json": v for k, v in _meta_props(meta).items()}
+        torch.jit.save(traced, buf, _extra_files=extra)
+    return buf.getvalue()
+
+
+def onnx_runner(path: Path) -> Any:
+    _, ort = _require_onnx()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    return run
+
+
+def torchscript_runner(path: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def run(x: Tensor) -> Tensor:
+        return module(x)
+
+    return run
+
+
+def verify(
+    model: nn.Module, run: Any, inputs: dict[str, Tensor], tolerance: float = TOLERANCE
+) -> dict[str, float]:
+    """Max |logit difference| between `model` and an exported `run` per named input batch;
+    UserError when one exceeds `tolerance`."""
+    diffs = {}
+    model = model.eval()
+    for name, x in inputs.items():
+        with torch.inference_mode():
+            ref = model(x).float()
+        got = run(x.contiguous()).float()
+        if got.shape != ref.shape:
+            raise UserError(
+                f"export check ({name}): output {tuple(got.shape)} != {tuple(ref.shape)}"
+            )
+        diffs[name] = float((got - ref).abs().max())
+        if not diffs[name] <= tolerance:
+            raise UserError(
+                f"export check ({name}): max |logit difference| {diffs[name]:.3g} exceeds "
+                f"{tolerance:g}"
+            )
+    return diffs
+
+
+def real_inputs(meta: dict[str, Any], data: str | Path | None, n: int = 8) -> Tensor | None:
+    """A few real test images, preprocessed as the checkpoint says (CIFAR test split when the
+    checkpoint is a CIFAR one and the data is found), else None."""
+    from googlenet.data import load_cifar, resolve_data_root
+    from googlenet.inference import Preprocess, preprocess_batch
+
+    dataset = meta.get("dataset")
+    if dataset not in ("cifar10", "cifar100"):
+        return None
+    try:
+        ds = load_cifar(resolve_data_root(data), dataset, "test")
+    except UserError:
+        return None
+    return preprocess_batch(ds.images[:n], Preprocess.from_meta(meta))
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    fmt: str,
+    input_size: int,
+    meta: dict[str, Any] | None = None,
+    real: Tensor | None = None,
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+) -> ExportReport:
+    """Export `model` to `out` (written atomically) and verify it: random batches of 1 and 3
+    (the batch axis is dynamic) and, when given, real preprocessed images."""
+    from googlenet.checkpoint import atomic_write_bytes
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    model = model.eval()
+    out = Path(out)
+    data = (onnx_bytes if fmt == "onnx" else torchscript_bytes)(model, input_size, meta)
+    atomic_write_bytes(out, data)
+    run = (onnx_runner if fmt == "onnx" else torchscript_runner)(out)
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "random batch 1": torch.randn(1, 3, input_size, input_size, generator=g),
+        "random batch 3": torch.randn(3, 3, input_size, input_size, generator=g),
+    }
+    report = ExportReport(out, fmt)
+    if real is not None:
+        inputs[f"real batch {real.shape[0]}"] = real
+    else:
+        report.notes.append("no real images found (CIFAR checkpoints use the test split)")
+    report.diffs = verify(model, run, inputs, tolerance)
+    return report
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    tolerance: float = TOLERANCE,
+) -> ExportReport:
+    """Export a checkpoint's model (EMA weights when present) and verify the file."""
+    from googlenet.checkpoint import load_model, resolve_checkpoint
+    from googlenet.inference import Preprocess
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _require_onnx()  # fail before the slow part
+    src = resolve_checkpoint(checkpoint)
+    model, meta = load_model(src)
+    pp = Preprocess.from_meta(meta, str(src))
+    target = Path(out) if out else src.with_name(src.stem + SUFFIX[fmt])
+    return export_model(model, target, fmt, pp.input_size, meta, real_inputs(meta, data), tolerance)

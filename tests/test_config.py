@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from googlenet.cli import main
+from googlenet.config import (
+    TrainConfig,
+    from_dict,
+    list_recipes,
+    parse_override,
+    resolve_config,
+    to_toml,
+)
+from googlenet.engine import lr_at, make_optimizer
+from googlenet.errors import UserError
+from googlenet.model import build
+
+
+def test_default_recipe_is_cifar10_fast():
+    cfg = resolve_config()
+    assert cfg.recipe == "cifar10-fast" and cfg.variant == "cifar" and cfg.input_size == 32
+    assert cfg.ema and cfg.nesterov and cfg.schedule == "onecycle" and cfg.crop_padding == 4
+    assert {"article", "paper", "cifar10-fast"} <= set(list_recipes())
+
+
+def test_article_recipe_is_the_tutorial():
+    cfg = resolve_config("article")
+    assert (cfg.variant, cfg.input_size, cfg.epochs, cfg.batch_size) == ("article", 224, 25, 256)
+    assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.01, 0.9, False, 0.0)
+    assert (cfg.schedule, cfg.gamma, cfg.step_epochs, cfg.aux_weight) == ("step", 0.96, 8, 0.3)
+    assert not (cfg.flip or cfg.crop_padding or cfg.scale_aspect or cfg.photometric or cfg.ema)
+    assert cfg.label_smoothing == 0.0
+
+
+def test_paper_recipe():
+    cfg = resolve_config("paper")
+    assert cfg.variant == "paper" and cfg.polyak and not cfg.ema
+    assert cfg.scale_aspect and cfg.photometric and (cfg.dropout, cfg.aux_dropout) == (0.4, 0.7)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epocs=3", "unknown config key 'epocs'"),
+        ("lr=abc", "config key 'lr': expected float, got 'abc'"),
+        ("epochs=2.5", "config key 'epochs': expected int"),
+        ("flip=1", "config key 'flip': expected bool"),
+        ("schedule=sometimes", "config key 'schedule': expected one of"),
+        ("variant=resnet", "unknown variant 'resnet'"),
+        ("epochs=0", "config key 'epochs': must be > 0"),
+        ("novalue", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        resolve_config(overrides=[override])
+
+
+def test_overrides_parse_toml_scalars():
+    assert parse_override("lr=1e-3") == ("lr", 0.001)
+    assert parse_override("lr=1") == ("lr", 1.0)  # an int is a fine float
+    assert parse_override("ema=false") == ("ema", False)
+    assert parse_override("variant=paper") == ("variant", "paper")
+    assert parse_override('out="runs/a b"') == ("out", "runs/a b")
+
+
+def test_unknown_recipe_and_exclusive_averaging():
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        resolve_config("nope")
+    with pytest.raises(UserError, match="exclusive"):
+        resolve_config(overrides=["ema=true", "polyak=true"])
+
+
+def test_config_file_round_trip(tmp_path):
+    cfg = resolve_config("article", overrides=["epochs=3", "lr=0.05", "out=runs/x"])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert resolve_config(config_file=path) == cfg
+    assert from_dict(cfg.to_dict()) == cfg
+    (tmp_path / "bad.toml").write_text("recipe = 'paper'\nepocs = 3\n")
+    with pytest.raises(UserError, match=r"bad\.toml: unknown config key 'epocs'"):
+        resolve_config(config_file=tmp_path / "bad.toml")
+
+
+def test_step_schedule_matches_the_tutorial():
+    cfg = resolve_config("article")
+    steps = 7
+    for epoch in range(25):
+        want = 0.01 * math.pow(0.96, math.floor((1 + epoch) / 8))
+        assert lr_at(cfg, epoch * steps + 3, steps) == pytest.approx(want, rel=1e-12)
+    assert lr_at(cfg, 6 * steps, steps) == 0.01 and lr_at(cfg, 7 * steps, steps) == 0.0096
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_warmup_then_decay_to_zero(schedule):
+    cfg = TrainConfig(epochs=10, lr=0.4, warmup=0.2, schedule=schedule)
+    lrs = [lr_at(cfg, s, 10) for s in range(100)]
+    peak = lrs.index(max(lrs))
+    assert peak == 19 and max(lrs) == pytest.approx(0.4)
+    assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] > 0
+
+
+def test_weight_decay_skips_norm_and_bias():
+    model = build("cifar", aux_logits=False)
+    opt = make_optimizer(TrainConfig(weight_decay=5e-4), model)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert opt.defaults["nesterov"]
+
+
+def test_cli_config_errors_exit_2_with_one_line(capsys):
+    assert main(["train", "--set", "epocs=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["googlenet train: error: unknown config key 'epocs'"]
+    assert main(["train", "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err

@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from googlenet import engine
+from googlenet.checkpoint import load_checkpoint, load_model
+from googlenet.cli import main
+from googlenet.config import resolve_config
+from googlenet.data import ArrayDataset
+from googlenet.engine import TrainingDiverged, train
+from googlenet.errors import UserError
+
+COLOURS = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]]).float()
+
+
+def synth(n: int, seed: int, side: int = 16) -> ArrayDataset:
+    """A learnable task: each class is a noisy flat colour."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = COLOURS[y][:, :, None, None] + torch.randn(n, 3, side, side, generator=g) * 40
+    return ArrayDataset(x.clamp(0, 255).to(torch.uint8), y, ["red", "green", "blue", "yellow"])
+
+
+def tiny_cfg(tmp_path, *extra: str):
+    """The cifar variant at 16x16 in fp32: the cheapest real network."""
+    base = [
+        f"out={tmp_path / 'run'}",
+        "input_size=16",
+        "batch_size=8",
+        "lr=0.03",
+        "label_smoothing=0.0",
+        "precision=fp32",
+        "channels_last=false",
+    ]
+    return resolve_config(overrides=[*base, *extra])
+
+
+def test_learns_a_synthetic_task_and_writes_the_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "epochs=3", "ema=false")
+    result = train(cfg, train_set=synth(96, 0), val_set=synth(32, 1), progress=False)
+    run = tmp_path / "run"
+    assert result.out == run and result.epochs == 3 and len(result.history) == 3
+    assert result.metrics["val_acc"] >= 75.0  # chance is 25%
+    assert result.history[-1]["train_acc"] > result.history[0]["train_acc"]
+    for head in ("", "aux1_", "aux2_"):
+        for split in ("train", "val"):
+            assert 0 <= result.metrics[f"{split}_{head}acc"] <= 100
+            assert result.metrics[f"{split}_{head}loss"] > 0
+    for name in ("config.toml", "metrics.csv", "loss.png", "accuracy.png", "best.safetensors"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["images_per_s"] > 0
+    csv_lines = (run / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("epoch,lr,train_loss,train_acc")
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert resolve_config(config_file=run / "config.toml") == cfg
+    # best.safetensors is the best validation epoch; its model classifies the task
+    _, best_meta = load_checkpoint(run / "best.safetensors")
+    assert best_meta["epoch"] == result.best_epoch and best_meta["metrics"]["val_acc"] == (
+        result.best_acc
+    )
+    model, meta = load_model(run)
+    val = synth(32, 1)
+    mean = torch.tensor(meta["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["preprocess"]["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pred = model((val.images.float() / 255 - mean) / std).argmax(1)
+    assert (pred == val.labels).float().mean() * 100 == pytest.approx(result.best_acc)
+
+
+def test_checkpoint_round_trip_follows_the_meta_schema(tmp_path):
+    cfg = tiny_cfg(tmp_path, "epochs=1", "ema=true", "aux_logits=false")
+    result = train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
+    groups, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert {"model", "ema", "optim", "rng"} <= set(groups)
+    assert groups["rng"]["torch"].dtype == torch.uint8
+    assert meta["model"] == {"variant": "cifar", "num_classes": 4, "aux_logits": False}
+    assert meta["classes"] == ["red", "green", "blue", "yellow"]
+    assert meta["preprocess"]["input_size"] == 16 and meta["preprocess"]["resize"] is None
+    assert meta["dataset"] == "cifar10" and meta["epoch"] == 1
+    assert meta["config"]["lr"] == 0.03 and meta["metrics"]["val_acc"] == result.best_acc
+    model, _ = load_model(tmp_path / "run" / "last.safetensors")  # EMA weights
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, groups["ema"][k]), k
+        assert torch.equal(v, result.model.state_dict()[k]), k
+    assert not all(torch.equal(groups["model"][k], groups["ema"][k]) for k in groups["model"])
+    # a fresh run into the same folder starts a fresh log
+    train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "speed",
+    [(), pytest.param(("precision=bf16", "channels_last=true"), marks=pytest.mark.slow)],
+    ids=["fp32", "bf16"],
+)
+def test_resume_is_bit_identical(tmp_path, monkeypatch, speed):
+    data = dict(train_set=synth(24, 0), val_set=synth(8, 1))
+    extra = ("epochs=2", "ema=true", "ema_decay=0.9", "cutout=4", "dropout=0.3", *speed)
+    straight = train(tiny_cfg(tmp_path / "a", *extra), progress=False, **data)
+
+    killed = tiny_cfg(tmp_path / "b", *extra)
+    real_reseed = engine._reseed
+
+    def die_in_epoch_2(cfg, epoch, rank):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real_reseed(cfg, epoch, rank)
+
+    monkeypatch.setattr(engine, "_reseed", die_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, progress=False, **data)
+    monkeypatch.setattr(engine, "_reseed", real_reseed)
+    assert load_checkpoint(tmp_path / "b" / "run")[1]["epoch"] == 1
+    resumed = train(killed, progress=False, resume=True, **data)
+
+    a, _ = load_checkpoint(tmp_path / "a" / "run" / "last.safetensors")
+    b, _ = load_checkpoint(tmp_path / "b" / "run" / "last.safetensors")
+    for group in ("model", "ema", "optim"):
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k}"
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+    assert untimed(resumed.history) == untimed(straight.history)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_weight_average_ema_ramp_and_polyak_mean():
+    net = torch.nn.Linear(2, 1, bias=False)
+    want = net.weight.detach().clone()  # the average starts from the initial weights
+    polyak = engine.WeightAverage(net, 0.999, polyak=True)
+    ema = engine.WeightAverage(net, 0.5, polyak=False)
+    for n, v in enumerate((1.0, 2.0, 6.0)):
+        net.weight.data.fill_(v)
+        polyak.update(net)
+        ema.update(net)
+        d = min(0.5, (1 + n) / (10 + n))  # the decay ramps up to ema_decay
+        want = d * want + (1 - d) * v
+    assert torch.allclose(polyak.module.weight, torch.full((1, 2), 3.0))  # mean of iterates
+    assert torch.allclose(ema.module.weight, want)
+    assert ema.updates == 3 and not ema.module.weight.requires_grad
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
+    good = train(tiny_cfg(tmp_path, "epochs=1", "ema=false"), progress=False, **data)
+    last = tmp_path / "run" / "last.safetensors"
+    before = last.read_bytes()
+    exploding = tiny_cfg(tmp_path, "epochs=2", "ema=false", "lr=1e30", "schedule=constant")
+    with pytest.raises(TrainingDiverged, match=r"(loss is (nan|inf))|NaN.*last good checkpoint"):
+        train(exploding, progress=False, resume=True, **data)
+    assert last.read_bytes() == before  # untouched: epoch 1, finite weights
+    groups, meta = load_checkpoint(last)
+    assert meta["epoch"] == 1 and all(torch.isfinite(t).all() for t in groups["model"].values())
+    assert good.epochs == 1
+
+
+def test_diverged_run_exits_3_from_the_cli(monkeypatch, capsys):
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("loss is nan at epoch 1 step 3")
+
+    monkeypatch.setattr(engine, "train", diverge)
+    assert main(["train", "--quiet", "--set", "epochs=1"]) == 3
+    assert "loss is nan" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
+    data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
+    cfg = tiny_cfg(tmp_path, "epochs=1", "ema=false", "aux_logits=false")
+    train(cfg, progress=False, **data)
+    last = tmp_path / "run" / "last.safetensors"
+    raw = last.read_bytes()
+    last.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match=r"last\.safetensors.*(truncated|corrupt)"):
+        train(cfg, progress=False, resume=True, **data)
+    last.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match=r"last\.safetensors"):
+        load_model(last)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_cfg(tmp_path / "fresh", "epochs=1"), progress=False, resume=True, **data)
+
+
+def test_paper_variant_with_aux_rejects_small_input(tmp_path):
+    cfg = tiny_cfg(tmp_path, "variant=paper", "input_size=32")
+    with pytest.raises(UserError, match="209..256"):
+        train(cfg, train_set=synth(16, 0, 32), val_set=synth(8, 1, 32), progress=False)
+
+
+@pytest.mark.cifar
+def test_real_cifar10_slice_beats_chance(tmp_path, cifar_root):
+    cfg = resolve_config(
+        overrides=[
+            f"out={tmp_path / 'run'}",
+            f"data_root={cifar_root}",
+            "limit_train=2000",
+            "limit_val=500",
+            "epochs=3",
+            "batch_size=64",
+            "lr=0.1",
+        ]
+    )
+    result = train(cfg, progress=False)
+    assert len(result.history) == 3 and result.model is not None
+    assert result.best_acc > 25.0, result.history  # chance is 10%
+
+
+@pytest.mark.cifar
+@pytest.mark.slow
+def test_article_recipe_runs_end_to_end_from_the_cli(tmp_path, cifar_root, capsys):
+    out = tmp_path / "article"
+    args = ["train", "--recipe", "article", "--data", str(cifar_root), "--out", str(out)]
+    for s in ("epochs=1", "limit_train=32", "limit_val=16", "batch_size=16"):
+        args += ["--set", s]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "(aux1" in err
+    _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["model"]["variant"] == "article" and meta["preprocess"]["input_size"] == 224
+    assert meta["config"]["schedule"] == "step" and len(meta["classes"]) == 10
