@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Data: $GOOGLENET_DATA, else the shared copy beside the project, else ./data (downloaded).
+DATA ?= $(or $(GOOGLENET_DATA),$(wildcard ../shared/datasets),data)
+
 # The main job: train the default recipe (cifar10-fast) on CIFAR-10.
 train: $(STAMP)
-	$(VENV)/bin/googlenet train $(ARGS)
+	$(VENV)/bin/googlenet train --data "$(DATA)" $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests bench

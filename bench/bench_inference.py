@@ -10,6 +10,7 @@ Models are randomly initialised (speed does not depend on the weights), aux head
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -62,7 +63,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10, help="batch-1 runs (median reported)")
     ap.add_argument("--iters", type=int, default=3, help="batch-64 runs (mean reported)")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     print(
         f"| variant | input | backend | batch-1 latency ms (median of {args.runs}) "
@@ -75,10 +79,13 @@ def main() -> None:
             side = get_spec(variant).input_size
             x1 = torch.randn(1, 3, side, side)
             xb = torch.randn(args.batch, 3, side, side)
-            for name, run in runners(variant, side, Path(d)).items():
+            backends = runners(variant, side, Path(d))
+            for name, run in backends.items():
                 lat = statistics.median(timed(run, x1, args.runs)) * 1000
                 tput = args.batch / statistics.mean(timed(run, xb, args.iters))
                 print(f"| {variant} | {side} | {name} | {lat:.1f} | {tput:.0f} |", flush=True)
+            del backends, run  # free the ORT session before the next variant
+            gc.collect()
     print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
 
 

@@ -312,7 +312,8 @@ def _load_data(cfg: TrainConfig, data_root: str | Path | None) -> tuple[Any, Any
     root = data.resolve_data_root(data_root or cfg.data_root or None)
     if cfg.dataset in ("cifar10", "cifar100"):
         return (
-            data.load_cifar(root, cfg.dataset, "train"),
+            # download=True: a fresh machine fetches the official archive (MD5-checked).
+            data.load_cifar(root, cfg.dataset, "train", download=True),
             data.load_cifar(root, cfg.dataset, "test"),
         )
     load_folder = getattr(data, "load_image_folder", None)

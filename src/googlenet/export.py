@@ -103,7 +103,13 @@ def torchscript_bytes(
 
 def onnx_runner(path: Path) -> Any:
     _, ort = _require_onnx()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # Idle ORT threads otherwise spin for a while after each run, starving PyTorch's threads
+    # on a small shared CPU (batch-1 PyTorch latency went from 50 ms to 1.5 s in the bench).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
