@@ -334,7 +334,7 @@ def _missing_message(root: Path, name: str) -> str:
     py, b = _LAYOUTS[name]["py"], _LAYOUTS[name]["bin"]
     return (
         f"{name} not found in {root}: put {py.archive} or {b.archive} (or their extracted "
-        f"{py.folder}/ or {b.folder}/ folder) there, or pass --download "
+        f"{py.folder}/ or {b.folder}/ folder) there, or run `googlenet download {name}` "
         f"(--data or ${DATA_ENV} choose the folder)"
     )
 
