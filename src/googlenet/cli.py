@@ -49,7 +49,7 @@ def _probe(side: int):  # a zero-size-batch tensor, only for the input check
 COMMANDS.append(_add_summary)
 
 
-# --- download (data section) ---
+# --- download ---
 def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "download",
@@ -74,7 +74,7 @@ def _run_download(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_download)
 
 
-# --- train (training helper's section) ---
+# --- train ---
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -133,7 +133,7 @@ def _run_train(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_train)
 
 
-# --- evaluate / predict / export / import-torchvision (inference helper's section) ---
+# --- evaluate / predict / export / import-torchvision ---
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
