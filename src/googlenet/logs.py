@@ -81,6 +81,7 @@ def plot_history(rows: Sequence[dict[str, Any]], folder: str | Path) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder = Path(folder)
     written = []
@@ -99,6 +100,7 @@ def plot_history(rows: Sequence[dict[str, Any]], folder: str | Path) -> list[Pat
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, color=colour, marker=".", label=f"{name} {split}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
