@@ -39,7 +39,9 @@ def tiny_cfg(tmp_path, *extra: str):
 
 
 def test_learns_a_synthetic_task_and_writes_the_run(tmp_path):
-    cfg = tiny_cfg(tmp_path, "epochs=3", "ema=false")
+    # lr 0.01: at 0.03 the 36 batch-8 steps sometimes end with unsettled BN running stats
+    # (47% val on one CPU's kernels); 0.01 passed for 9/9 seeds.
+    cfg = tiny_cfg(tmp_path, "epochs=3", "ema=false", "lr=0.01")
     result = train(cfg, train_set=synth(96, 0), val_set=synth(32, 1), progress=False)
     run = tmp_path / "run"
     assert result.out == run and result.epochs == 3 and len(result.history) == 3
