@@ -399,6 +399,7 @@ def _train(
     device = _pick_device(cfg, d)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: autotune once
     if cfg.workers:
         torch.set_num_threads(cfg.workers)
     if cfg.batch_size % d.world_size:
