@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from googlenet.data import CIFAR10_MEAN, CIFAR10_STD, Augment, BatchLoader, load_cifar
+from googlenet.augment import Augment
+from googlenet.datasets import load_cifar
+from googlenet.loader import BatchLoader
+from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 # (name, input size, augmentation, model training img/s at that size for the 10x check)

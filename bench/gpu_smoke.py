@@ -10,7 +10,7 @@ import time
 import torch
 
 from googlenet.config import resolve_config
-from googlenet.data import ArrayDataset
+from googlenet.datasets import ArrayDataset
 from googlenet.engine import train
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 12800

@@ -3,8 +3,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from googlenet.checkpoint import save_checkpoint
+from googlenet.datasets import ArrayDataset
+from googlenet.model import build
 
 # Tests run on 2 CPU cores; more threads only add contention between parallel jobs.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -30,3 +35,66 @@ def cifar_root() -> Path:
     if not (CIFAR_ROOT / "cifar-10-batches-bin" / "test_batch.bin").is_file():
         pytest.skip("real CIFAR-10 not found (../shared/datasets or GOOGLENET_DATA)")
     return CIFAR_ROOT
+
+
+# --- shared helpers (tests import these from here, never from other test modules) ---------
+
+COLOURS = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]]).float()
+
+
+def synth(n: int, seed: int, side: int = 16) -> ArrayDataset:
+    """A learnable task: each class is a noisy flat colour."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = COLOURS[y][:, :, None, None] + torch.randn(n, 3, side, side, generator=g) * 40
+    return ArrayDataset(x.clamp(0, 255).to(torch.uint8), y, ["red", "green", "blue", "yellow"])
+
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def make_checkpoint(
+    path: Path,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    dataset: str = "folder",
+    variant: str = "cifar",
+    input_size: int = 32,
+    resize: int | None = None,
+) -> Path:
+    """A tiny checkpoint in the training schema: a randomly initialised model, aux off."""
+    classes = classes or CLASSES
+    torch.manual_seed(seed)
+    model = build(variant, num_classes=len(classes), aux_logits=False)
+    calibrate(model, input_size)
+    meta = {
+        "model": {"variant": variant, "num_classes": len(classes), "aux_logits": False},
+        "classes": classes,
+        "preprocess": {
+            "input_size": input_size,
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.25, 0.25, 0.25],
+            "resize": resize,
+        },
+        "dataset": dataset,
+        "config": {},
+        "epoch": 1,
+        "metrics": {},
+    }
+    return save_checkpoint(path, {"model": model.state_dict()}, meta)
+
+
+def calibrate(model: torch.nn.Module, side: int) -> None:
+    """Set BatchNorm running statistics from a random batch, so an untrained model's logits
+    stay moderate (random init with default statistics gives saturated softmax)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, side, side))
+    model.eval()
+
+
+def random_image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -14,9 +14,9 @@ from googlenet.config import (
     resolve_config,
     to_toml,
 )
-from googlenet.engine import lr_at, make_optimizer
-from googlenet.errors import UserError
+from googlenet.errors import Note, UserError
 from googlenet.model import build
+from googlenet.optim import lr_at, make_optimizer
 
 
 def test_default_recipe_is_cifar10_fast():
@@ -24,6 +24,22 @@ def test_default_recipe_is_cifar10_fast():
     assert cfg.recipe == "cifar10-fast" and cfg.variant == "cifar" and cfg.input_size == 32
     assert cfg.ema and cfg.nesterov and cfg.schedule == "onecycle" and cfg.crop_padding == 4
     assert {"article", "paper", "cifar10-fast"} <= set(list_recipes())
+
+
+def test_dataclass_defaults_are_the_default_recipe():
+    assert TrainConfig() == resolve_config("cifar10-fast")
+
+
+def test_old_config_keys_are_migrated_with_a_note(tmp_path):
+    old = tmp_path / "config.toml"
+    old.write_text('recipe = "cifar10-fast"\noptimizer = "sgd"\nschedule = "linear"\nepochs = 2\n')
+    with pytest.warns(Note) as notes:
+        cfg = resolve_config(config_file=old)
+    assert cfg.schedule == "onecycle" and cfg.epochs == 2
+    text = " | ".join(str(n.message) for n in notes)
+    assert "'optimizer' was removed" in text and "'linear' is now called 'onecycle'" in text
+    with pytest.raises(UserError, match="'optimizer' was removed"):
+        resolve_config(overrides=["optimizer=sgd"])
 
 
 def test_article_recipe_is_the_tutorial():

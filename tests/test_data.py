@@ -13,6 +13,7 @@ import socket
 import struct
 import tarfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +22,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from googlenet import download as dl
-from googlenet.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
+from googlenet.augment import Augment
+from googlenet.datasets import (
+    ARCHIVES,
     ArrayDataset,
-    Augment,
-    BatchLoader,
     ImageFolderDataset,
-    _resample_matrix,
     load_cifar,
     load_image_folder,
-    read_image,
     resolve_data_root,
     restricted_loads,
 )
 from googlenet.errors import UserError
+from googlenet.loader import BatchLoader
+from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, read_image, resample_matrix
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # mean/std that leave pixels on the 0..1 scale
 
@@ -309,7 +307,7 @@ def test_resize_matches_interpolate_and_normalises():
         assert torch.allclose(x, (want - mean) / std, atol=1e-4)
         assert x.is_contiguous(memory_format=torch.channels_last) == (channels_last and size > 1)
     # Shrinking (a large scale_aspect crop) is antialiased like F.interpolate(antialias=True).
-    w = _resample_matrix(torch.zeros(4), torch.full((4,), 32.0), 32, 20)
+    w = resample_matrix(torch.zeros(4), torch.full((4,), 32.0), 32, 20)
     shrunk = torch.matmul(torch.matmul(w[:, None], ref), w[:, None].transpose(2, 3))
     want = F.interpolate(ref, size=(20, 20), mode="bilinear", antialias=True)
     assert torch.allclose(shrunk, want, atol=1e-5)
@@ -552,7 +550,7 @@ def served(tmp_path):
 
 def test_download_from_local_server(tmp_path, served, monkeypatch):
     url, md5 = served
-    monkeypatch.setitem(dl.ARCHIVES, "cifar10", dl.Archive(url, md5, "cifar-10-batches-py"))
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5=md5))
     root = tmp_path / "data"
     ds = load_cifar(root, "cifar10", "test", download=True)
     assert len(ds) == 3 and ds.classes[1] == "class1"
@@ -561,7 +559,7 @@ def test_download_from_local_server(tmp_path, served, monkeypatch):
 
 def test_download_bad_checksum_leaves_nothing(tmp_path, served, monkeypatch):
     url, _ = served
-    monkeypatch.setitem(dl.ARCHIVES, "cifar10", dl.Archive(url, "0" * 32, "cifar-10-batches-py"))
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5="0" * 32))
     root = tmp_path / "data"
     with pytest.raises(UserError, match="MD5"):
         load_cifar(root, "cifar10", "train", download=True)
@@ -576,7 +574,7 @@ def test_download_without_network_says_where_to_put_files(tmp_path, monkeypatch)
     port = s.getsockname()[1]
     s.close()
     url = f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
-    monkeypatch.setitem(dl.ARCHIVES, "cifar10", dl.Archive(url, "0" * 32, "x"))
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5="0" * 32))
     with pytest.raises(UserError, match=r"put cifar-10-python\.tar\.gz.*into"):
         load_cifar(tmp_path, "cifar10", "train", download=True)
     assert [p for p in tmp_path.iterdir()] == []
@@ -586,9 +584,9 @@ def test_cli_download(tmp_path, served, monkeypatch, capsys):
     from googlenet.cli import main
 
     url, md5 = served
-    monkeypatch.setitem(dl.ARCHIVES, "cifar10", dl.Archive(url, md5, "cifar-10-batches-py"))
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5=md5))
     assert main(["download", "--data", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "cifar-10-batches-py" / "test_batch").is_file()
-    monkeypatch.setitem(dl.ARCHIVES, "cifar10", dl.Archive(url, "1" * 32, "other"))
+    monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5="1" * 32))
     assert main(["download", "--data", str(tmp_path / "e")]) == 2
     assert "MD5" in capsys.readouterr().err

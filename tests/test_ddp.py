@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from googlenet.checkpoint import load_checkpoint
 from googlenet.config import resolve_config
 from googlenet.engine import train
-from tests.test_train import synth
+from tests.conftest import synth
 
 OVERRIDES = [
     "variant=article",

@@ -9,11 +9,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from googlenet.cli import main
-from googlenet.data import load_cifar
+from googlenet.datasets import load_cifar
 from googlenet.errors import UserError
 from googlenet.evaluate import (
     PAPER_SCALES,
-    MetricAccumulator,
     View,
     ensemble_probs,
     evaluate,
@@ -27,8 +26,10 @@ from googlenet.evaluate import (
     tta_views,
     write_report,
 )
-from googlenet.inference import Preprocess, load, preprocess_batch, resize_shorter
-from tests.test_predict import CLASSES, make_checkpoint, random_image
+from googlenet.inference import load
+from googlenet.metrics import Metrics
+from googlenet.transforms import Preprocess, preprocess_batch, resize_shorter
+from tests.conftest import CLASSES, make_checkpoint, random_image
 
 IDENTITY = Preprocess(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -82,8 +83,8 @@ def test_metrics_exact_with_stub_model(mode: str):
     assert r.per_class[4] is None  # no samples of class 4
 
 
-def test_metric_accumulator_top_k_capped_by_class_count():
-    acc = MetricAccumulator(3)
+def test_metrics_top_k_capped_by_class_count():
+    acc = Metrics(3)
     acc.update(torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]), torch.tensor([2, 1]))
     r = acc.result(["a", "b", "c"])
     assert r.top1 == 0.5 and r.top5 == 1.0  # top-5 of 3 classes is top-3

@@ -12,7 +12,7 @@ from googlenet.cli import main
 from googlenet.errors import UserError
 from googlenet.export import export_checkpoint, export_model, onnx_runner, verify
 from googlenet.model import build
-from tests.test_predict import calibrate, make_checkpoint
+from tests.conftest import calibrate, make_checkpoint
 
 
 def test_onnx_round_trip_cifar_checkpoint(tmp_path: Path):

@@ -3,66 +3,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import googlenet
-from googlenet.checkpoint import save_checkpoint
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.inference import Preprocess, iter_image_files, load, preprocess_batch
-from googlenet.model import build
-
-CLASSES = ["cat", "dog", "ship"]
-
-
-def make_checkpoint(
-    path: Path,
-    seed: int = 0,
-    classes: list[str] | None = None,
-    dataset: str = "folder",
-    variant: str = "cifar",
-    input_size: int = 32,
-    resize: int | None = None,
-) -> Path:
-    """A tiny checkpoint in the training schema: a randomly initialised model, aux off."""
-    classes = classes or CLASSES
-    torch.manual_seed(seed)
-    model = build(variant, num_classes=len(classes), aux_logits=False)
-    calibrate(model, input_size)
-    meta = {
-        "model": {"variant": variant, "num_classes": len(classes), "aux_logits": False},
-        "classes": classes,
-        "preprocess": {
-            "input_size": input_size,
-            "mean": [0.5, 0.4, 0.3],
-            "std": [0.25, 0.25, 0.25],
-            "resize": resize,
-        },
-        "dataset": dataset,
-        "config": {},
-        "epoch": 1,
-        "metrics": {},
-    }
-    return save_checkpoint(path, {"model": model.state_dict()}, meta)
-
-
-def calibrate(model: torch.nn.Module, side: int) -> None:
-    """Set BatchNorm running statistics from a random batch, so an untrained model's logits
-    stay moderate (random init with default statistics gives saturated softmax)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, side, side))
-    model.eval()
-
-
-def random_image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+from googlenet.inference import iter_image_files, load
+from googlenet.transforms import Preprocess, preprocess_batch
+from tests.conftest import CLASSES, make_checkpoint, random_image
 
 
 @pytest.fixture

@@ -6,10 +6,12 @@ Bad input raises UserError anywhere below; here it becomes one line on stderr an
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
-from googlenet.errors import UserError
+from googlenet.errors import Note, UserError
 
 Handler = Callable[[argparse.Namespace], int]
 # Each section below defines one sub-command and appends its `_add_*` function here.
@@ -63,7 +65,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from googlenet.data import resolve_data_root
+    from googlenet.datasets import resolve_data_root
     from googlenet.download import download_cifar
 
     folder = download_cifar(resolve_data_root(args.data), args.dataset)
@@ -256,12 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(command: str, message, category, *_args, **_kw) -> None:
+    """Our notes and warnings as one line each, like errors (no file/line noise)."""
+    kind = "note" if issubclass(category, Note) else "warning"
+    print(f"googlenet {command}: {kind}: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.func
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, args.command)
+            return handler(args)
     except UserError as e:
         print(f"googlenet {args.command}: error: {e}", file=sys.stderr)
         return 2

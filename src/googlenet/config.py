@@ -17,21 +17,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from googlenet.errors import UserError
+from googlenet.errors import UserError, note
 
 DEFAULT_RECIPE = "cifar10-fast"
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar10", "cifar100", "folder"),
-    "optimizer": ("sgd",),
-    "schedule": ("step", "onecycle", "linear", "cosine", "constant"),
+    "schedule": ("step", "onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
 }
 
+# Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
+REMOVED_KEYS = {"optimizer": "SGD is the only optimizer"}
+# Values older versions accepted that now have one name: key -> {old: new}.
+RENAMED_VALUES = {"schedule": {"linear": "onecycle"}}
+
 
 @dataclass
 class TrainConfig:
+    """Every training option. The defaults are the default recipe, cifar10-fast."""
+
     recipe: str = DEFAULT_RECIPE  # the recipe this config started from (informational)
     # --- model ---
     variant: str = "cifar"  # model variant: paper | article | bn | cifar
@@ -43,33 +49,32 @@ class TrainConfig:
     # --- data ---
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train and root/val sub-folders)
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
-    input_size: int = 0  # training/eval side in pixels; 0: the variant's size (images resized)
+    input_size: int = 32  # training/eval side in pixels; 0: the variant's size (images resized)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
     limit_val: int = 0  # use only the first N validation images (0: all)
     # --- augmentation (training only) ---
-    crop_padding: int = 0  # random crop after zero-padding by this many pixels (0: off)
-    flip: bool = False  # random horizontal flip
+    crop_padding: int = 4  # random crop after zero-padding by this many pixels (0: off)
+    flip: bool = True  # random horizontal flip
     cutout: int = 0  # side of a random square erased from each image (0: off)
     scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect ratio 3/4-4/3
     photometric: bool = False  # paper's photometric distortions (brightness/contrast/...)
     # --- optimisation ---
-    epochs: int = 4  # passes over the training data
+    epochs: int = 3  # passes over the training data
     batch_size: int = 256  # global batch (split evenly over DDP ranks)
-    optimizer: str = "sgd"  # only SGD, as in the paper and the tutorial
-    lr: float = 0.2  # peak learning rate (step schedule: the initial one)
+    lr: float = 0.4  # peak learning rate (step schedule: the initial one)
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 weight decay on conv/linear weights
     decay_norm_bias: bool = False  # also decay BatchNorm parameters and biases
-    schedule: str = "onecycle"  # step | onecycle (= linear) | cosine | constant
-    warmup: float = 0.15  # linear/cosine: fraction of all steps spent warming up from ~0
+    schedule: str = "onecycle"  # step | onecycle (warmup, then linear decay) | cosine | constant
+    warmup: float = 0.2  # onecycle/cosine: fraction of all steps spent warming up from ~0
     step_epochs: int = 8  # step: lr = lr * gamma ** floor((1 + epoch) / step_epochs)
     gamma: float = 0.96  # step: the factor applied every step_epochs epochs
     label_smoothing: float = 0.1  # cross-entropy label smoothing for every head
     clip_grad: float = 0.0  # clip the gradient norm to this (0: off)
     # --- weight averaging (the averaged weights are validated and exported) ---
     ema: bool = True  # exponential moving average of the weights
-    ema_decay: float = 0.999  # EMA decay per step (ramped up over the first steps)
+    ema_decay: float = 0.99  # EMA decay per step (ramped up over the first steps)
     polyak: bool = False  # paper's Polyak averaging: the plain mean of all iterates
     # --- speed / hardware ---
     precision: str = "auto"  # auto (bf16 on CPUs/GPUs that have it, else fp32) | fp32 | bf16 | fp16
@@ -153,10 +158,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = key.strip(), raw.strip()
     if not sep or not key:
         raise UserError(f"--set {text!r}: expected key=value")
+    if key in REMOVED_KEYS:
+        raise UserError(f"config key {key!r} was removed ({REMOVED_KEYS[key]})")
     if key not in FIELD_TYPES:
         raise UserError(f"unknown config key {key!r}")
     if FIELD_TYPES[key] is str and not raw.startswith(('"', "'")):
-        return key, raw  # e.g. --set variant=paper, --set out=runs/x
+        return key, migrate({key: raw}, "--set")[key]  # e.g. --set variant=paper
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -189,8 +196,24 @@ def recipe_values(name: str) -> dict[str, Any]:
     return _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")
 
 
-def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
+def migrate(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Values written by an older version, with removed keys dropped and renamed values
+    replaced; each change is reported as a note naming `source`."""
+    out = {}
     for key, value in values.items():
+        if key in REMOVED_KEYS:
+            note(f"{source}: config key {key!r} was removed ({REMOVED_KEYS[key]}); ignored")
+            continue
+        new = RENAMED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
+        if new is not None:
+            note(f"{source}: config key {key!r}: {value!r} is now called {new!r}")
+            value = new
+        out[key] = value
+    return out
+
+
+def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
+    for key, value in migrate(values, source).items():
         try:
             setattr(cfg, key, _coerce(key, value))
         except UserError as e:

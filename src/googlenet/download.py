@@ -12,42 +12,12 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from googlenet.datasets import ARCHIVES
 from googlenet.errors import UserError
-
-
-@dataclass(frozen=True)
-class Archive:
-    """One official archive."""
-
-    url: str  # where it is downloaded from
-    md5: str  # expected MD5 of the whole .tar.gz
-    folder: str  # the top-level folder it extracts to
-
-
-BASE_URL = "https://www.cs.toronto.edu/~kriz/"
-# Module-level so tests (and mirrors) can point the names elsewhere.
-ARCHIVES: dict[str, Archive] = {
-    "cifar10": Archive(
-        BASE_URL + "cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a",
-        "cifar-10-batches-py",
-    ),
-    "cifar10-binary": Archive(
-        BASE_URL + "cifar-10-binary.tar.gz",
-        "c32a1d4ab5d03f1284b67883e8d87530",
-        "cifar-10-batches-bin",
-    ),
-    "cifar100": Archive(
-        BASE_URL + "cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85",
-        "cifar-100-python",
-    ),
-}
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
@@ -59,16 +29,17 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def download_cifar(root: str | Path, name: str = "cifar10", *, timeout: float = 30.0) -> Path:
-    """Downloads, verifies and extracts the archive `name` (a key of ARCHIVES) into root;
+    """Downloads, verifies and extracts the archive `name` (a key of datasets.ARCHIVES) into root;
     returns the extracted folder. Does nothing when that folder already exists."""
-    if name not in ARCHIVES:
-        raise UserError(f"no download known for {name!r}; expected one of {sorted(ARCHIVES)}")
+    known = sorted(k for k, a in ARCHIVES.items() if a.md5)
+    if name not in known:
+        raise UserError(f"no download known for {name!r}; expected one of {known}")
     spec = ARCHIVES[name]
     root = Path(root)
     target = root / spec.folder
     if target.is_dir():
         return target
-    archive_name = spec.url.rsplit("/", 1)[-1]
+    archive_name = spec.file
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,10 +1,10 @@
 """The training engine: `train(config) -> RunResult`.
 
-One loop for every recipe: SGD with the configured schedule (set per step), the loss with the
-auxiliary heads weighted as configured (it lives here, not in the model), per-head loss and
-accuracy for training and validation, mixed precision (bf16 autocast on CPU, bf16/fp16 on
-CUDA), channels_last, optional torch.compile, EMA / Polyak weight averaging, DDP through
-torchrun, and a checkpoint every epoch (`last`) plus the best validation top-1 (`best`).
+One loop for every recipe, read top to bottom in `_train`: set up (data, model, optimizer,
+loaders, run folder), then per epoch train one epoch, validate, checkpoint. The loss with the
+auxiliary heads weighted as configured lives here, not in the model. Schedule, optimizer and
+weight averaging are in optim.py, counting in metrics.py, DDP in distributed.py, device and
+precision in devices.py.
 
 Determinism: the data order and augmentation are a function of (seed, epoch, rank) (see
 BatchLoader), and the torch RNG (dropout) is reseeded from (seed, epoch, rank) at the start of
@@ -14,9 +14,7 @@ each epoch, so `--resume` from `last` reproduces an uninterrupted run exactly on
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -37,9 +35,12 @@ from googlenet.checkpoint import (
     save_checkpoint,
 )
 from googlenet.config import TrainConfig, to_toml
+from googlenet.devices import autocast, pick_device, pick_dtype
+from googlenet.distributed import Dist, all_reduce, broadcast_buffers, init_distributed
 from googlenet.errors import UserError
-
-HEAD_NAMES = ("", "aux1_", "aux2_")  # metric prefixes: main output, aux1, aux2
+from googlenet.loader import BatchLoader
+from googlenet.metrics import HEAD_NAMES, Metrics
+from googlenet.optim import WeightAverage, lr_at, make_optimizer
 
 
 class TrainingDiverged(UserError):
@@ -58,188 +59,7 @@ class RunResult:
     main: bool = True  # False on DDP ranks other than 0 (which write nothing)
 
 
-# --- distributed -----------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_kind: str) -> tuple[Dist, bool]:
-    """Join the process group torchrun describes in env vars; (dist, whether we created it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), False
-    import torch.distributed as dist
-
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if dist.is_initialized():
-        return d, False
-    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return d, True
-
-
-def _all_reduce(t: Tensor, d: Dist, op: str = "sum") -> Tensor:
-    if d.enabled:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t
-
-
-def _broadcast_buffers(module: nn.Module, d: Dist) -> None:
-    """BN running stats drift apart per rank; validate everywhere with rank 0's."""
-    if d.enabled:
-        import torch.distributed as dist
-
-        for b in module.buffers():
-            dist.broadcast(b, 0)
-
-
-# --- devices and precision -------------------------------------------------------------------
-
-
-def _pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("config key 'device': cuda requested but no CUDA GPU is available")
-        return torch.device("cuda", d.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    p = cfg.precision
-    if p == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_bf16() else None
-    if p == "fp16" and device.type == "cpu":
-        raise UserError("config key 'precision': fp16 is for CUDA; use bf16 or fp32 on a CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# --- schedule, optimizer, averaging ----------------------------------------------------------
-
-
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate for optimizer step `step` (0-based, counted over the whole run)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "step":  # the tutorial's Keras LearningRateScheduler, per epoch
-        epoch = step // steps_per_epoch
-        return cfg.lr * cfg.gamma ** math.floor((1 + epoch) / cfg.step_epochs)
-    warm = round(cfg.warmup * total)
-    if step < warm:  # linear warmup from lr/warm to lr
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm + 1) / max(1, total - warm)  # 0 -> 1 over the decay, ending at 0
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return cfg.lr * max(0.0, 1 - t)  # onecycle / linear
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD; weight decay on conv/linear weights only unless decay_norm_bias."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 or cfg.decay_norm_bias else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(
-        groups,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-    )
-
-
-class WeightAverage:
-    """A shadow copy of the model whose weights (and BN statistics) are an average of the
-    training iterates: EMA (decay ramped up as min(decay, (1+n)/(10+n))) or Polyak's plain
-    mean of all iterates (decay n/(n+1))."""
-
-    def __init__(self, model: nn.Module, decay: float, polyak: bool) -> None:
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay, self.polyak = decay, polyak
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        n = self.updates
-        d = n / (n + 1) if self.polyak else min(self.decay, (1 + n) / (10 + n))
-        src = model.state_dict()
-        floats_avg, floats_src = [], []
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                floats_avg.append(v)
-                floats_src.append(src[k])
-            else:
-                v.copy_(src[k])  # e.g. num_batches_tracked
-        torch._foreach_lerp_(floats_avg, floats_src, 1 - d)
-        self.updates += 1
-
-
-# --- loss and metrics -------------------------------------------------------------------------
-
-
-class Meter:
-    """Sums of loss * n and correct predictions per head, reduced over ranks on demand."""
-
-    def __init__(self, heads: int, device: torch.device) -> None:
-        # rows: loss sum, correct (top-1), correct (top-5); columns: heads; plus a count
-        self.sums = torch.zeros(3, heads, dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def add(self, losses: list[Tensor], logits: list[Tensor], y: Tensor) -> None:
-        n = y.shape[0]
-        for i, (loss, out) in enumerate(zip(losses, logits, strict=True)):
-            self.sums[0, i] += loss.detach().double() * n
-            self.sums[1, i] += (out.argmax(1) == y).sum()
-            k = min(5, out.shape[1])
-            self.sums[2, i] += (out.topk(k, 1).indices == y[:, None]).any(1).sum()
-        self.count += n
-
-    def result(self, d: Dist, prefix: str) -> dict[str, float]:
-        packed = _all_reduce(torch.cat([self.sums.flatten(), self.count[None]]), d)
-        sums, count = packed[:-1].view_as(self.sums), max(packed[-1].item(), 1.0)
-        out: dict[str, float] = {}
-        for i in range(sums.shape[1]):
-            head = HEAD_NAMES[i]
-            out[f"{prefix}_{head}loss"] = sums[0, i].item() / count
-            out[f"{prefix}_{head}acc"] = 100.0 * sums[1, i].item() / count
-            if i == 0:
-                out[f"{prefix}_acc5"] = 100.0 * sums[2, i].item() / count
-        return out
+# --- loss and validation ----------------------------------------------------------------------
 
 
 def _outputs(out: Any) -> list[Tensor]:
@@ -270,7 +90,7 @@ def _aux_taps(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 
 
 @torch.no_grad()
-def evaluate(
+def validate(
     model: nn.Module,
     loader: Any,
     *,
@@ -280,25 +100,26 @@ def evaluate(
     dist: Dist | None = None,
 ) -> dict[str, float]:
     """Validation: the main output in eval() mode, the aux heads scored on the features
-    captured by hooks (also eval(): no dropout). Sums are reduced over every rank."""
+    captured by hooks (also eval(): no dropout). Counts are reduced over every rank."""
     d = dist or Dist()
     was_training = model.training
     model.eval()
     heads = 3 if getattr(model, "aux1", None) is not None else 1
-    meter = Meter(heads, device)
+    meter = Metrics(model.num_classes, heads, device=device)
     with _aux_taps(model) as feats:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 outs = [model(x)]
                 if heads == 3:
                     outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
-            meter.add(_losses(outs, y, smoothing), outs, y)
+            meter.update(outs, y, _losses(outs, y, smoothing))
     model.train(was_training)
-    return meter.result(d, "val")
+    meter.reduce(lambda t: all_reduce(t, d))
+    return meter.row("val")
 
 
-# --- the run ----------------------------------------------------------------------------------
+# --- set-up -----------------------------------------------------------------------------------
 
 
 def _reseed(cfg: TrainConfig, epoch: int, rank: int) -> None:
@@ -307,34 +128,21 @@ def _reseed(cfg: TrainConfig, epoch: int, rank: int) -> None:
 
 
 def _load_data(cfg: TrainConfig, data_root: str | Path | None) -> tuple[Any, Any]:
-    from googlenet import data
+    from googlenet import datasets
 
-    root = data.resolve_data_root(data_root or cfg.data_root or None)
+    root = datasets.resolve_data_root(data_root or cfg.data_root or None)
     if cfg.dataset in ("cifar10", "cifar100"):
         return (
             # download=True: a fresh machine fetches the official archive (MD5-checked).
-            data.load_cifar(root, cfg.dataset, "train", download=True),
-            data.load_cifar(root, cfg.dataset, "test"),
+            datasets.load_cifar(root, cfg.dataset, "train", download=True),
+            datasets.load_cifar(root, cfg.dataset, "test"),
         )
-    load_folder = getattr(data, "load_image_folder", None)
-    if load_folder is None:
-        raise UserError("dataset 'folder' is not available in this build")
     if not (root / "train").is_dir():
         raise UserError(f"{root}: dataset 'folder' expects train/ and val/ sub-folders")
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
-    return load_folder(root / "train"), load_folder(val_dir)
-
-
-def _norm_stats(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from googlenet import data
-
-    if cfg.dataset == "cifar10":
-        return data.CIFAR10_MEAN, data.CIFAR10_STD
-    if cfg.dataset == "cifar100":
-        return data.CIFAR100_MEAN, data.CIFAR100_STD
-    return data.IMAGENET_MEAN, data.IMAGENET_STD
+    return datasets.load_image_folder(root / "train"), datasets.load_image_folder(val_dir)
 
 
 def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -355,6 +163,39 @@ def _all_finite(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values())
 
 
+@dataclass
+class _Run:
+    """Everything a run needs once set up."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype (None: fp32)
+    raw: nn.Module  # the model being trained (unwrapped)
+    net: nn.Module  # what the step calls: raw, compiled and/or wrapped in DDP
+    opt: torch.optim.Optimizer
+    avg: WeightAverage | None
+    scaler: torch.amp.GradScaler
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    meta_base: dict[str, Any]  # checkpoint metadata that does not change during the run
+    log: Any  # logs.RunLog
+    progress: bool
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+
+    @property
+    def judged(self) -> nn.Module:
+        """The weights validation and export see: the average when there is one."""
+        return self.avg.module if self.avg is not None else self.raw
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta_base["model"]["num_classes"])
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -372,7 +213,7 @@ def train(
     """
     cfg.validate()
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    d, own_group = _init_distributed("cuda" if use_cuda else "cpu")
+    d, own_group = init_distributed("cuda" if use_cuda else "cpu")
     try:
         return _train(cfg, d, train_set, val_set, data_root, resume, progress)
     finally:
@@ -391,12 +232,47 @@ def _train(
     resume: bool,
     progress: bool,
 ) -> RunResult:
-    from googlenet.data import Augment, BatchLoader
+    run = _setup(cfg, d, train_set, val_set, data_root, resume, progress)
+    row: dict[str, Any] = run.log.rows[-1] if run.log.rows else {}
+    t_run = time.perf_counter()
+    elapsed_before = row.get("elapsed_s", 0.0)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        row = _train_epoch(run, epoch)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            row.update(_validate(run, epoch))
+        row["epoch_s"] = time.perf_counter() - t0
+        row["elapsed_s"] = elapsed_before + time.perf_counter() - t_run
+        _checkpoint(run, epoch, row)
+    return RunResult(
+        out=run.out,
+        epochs=cfg.epochs,
+        metrics=row,
+        best_acc=run.best_acc,
+        best_epoch=run.best_epoch,
+        history=list(run.log.rows),
+        model=run.judged.eval(),
+        main=d.main,
+    )
+
+
+def _setup(
+    cfg: TrainConfig,
+    d: Dist,
+    train_set: Any,
+    val_set: Any,
+    data_root: str | Path | None,
+    resume: bool,
+    progress: bool,
+) -> _Run:
+    """Data, model, optimizer, loaders and the run folder (restored from `last` on resume)."""
+    from googlenet.augment import Augment
+    from googlenet.datasets import norm_stats
     from googlenet.logs import RunLog
     from googlenet.model import build
 
     out = Path(cfg.out or f"runs/{cfg.recipe}")
-    device = _pick_device(cfg, d)
+    device = pick_device(cfg.device, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: autotune once
@@ -422,7 +298,7 @@ def _train(
         )
     classes = list(train_set.classes) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
     num_classes = cfg.num_classes or len(classes)
-    mean, std = _norm_stats(cfg)
+    mean, std = norm_stats(cfg.dataset)
 
     # Model: same seed on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
@@ -433,7 +309,7 @@ def _train(
     raw.check_input(torch.empty(0, 3, size, size))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=fmt)
-    dtype = _pick_dtype(cfg, device)
+    dtype = pick_dtype(cfg.precision, device)
     opt = make_optimizer(cfg, raw)
     avg = WeightAverage(raw, cfg.ema_decay, cfg.polyak) if cfg.ema or cfg.polyak else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -452,7 +328,6 @@ def _train(
         **loader_kw,
     )  # fmt: skip
     val_loader = BatchLoader(val_set, per_rank, **loader_kw)
-    steps_per_epoch = len(train_loader)
 
     meta_base = {
         "model": args,
@@ -461,129 +336,128 @@ def _train(
         "dataset": cfg.dataset,
         "config": cfg.to_dict(),
     }
-    start_epoch, best_acc, best_epoch = 0, -1.0, 0
     log = RunLog(out)
+    run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
+               meta_base, log, progress)  # fmt: skip
     if resume:
-        start_epoch, best_acc, best_epoch = _restore(out, raw, opt, avg, scaler, meta_base)
+        run.start_epoch, run.best_acc, run.best_epoch = _restore(run)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        log.resume(start_epoch)  # a fresh run in an old folder starts an empty log
+        log.resume(run.start_epoch)  # a fresh run in an old folder starts an empty log
         if not resume:  # nor may an older run's best checkpoint pass for this one's
             for name in ("best.safetensors", "best.json"):
                 (out / name).unlink(missing_ok=True)
         atomic_write_text(out / "config.toml", to_toml(cfg))
 
-    net: nn.Module = raw
     if cfg.compile:
-        net = torch.compile(net)
+        run.net = torch.compile(run.net)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        run.net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
 
     if d.main and progress:
         print(
             f"training {cfg.variant} ({num_classes} classes, {size}x{size}) on {device.type}"
             f" x{d.world_size}, {'fp32' if dtype is None else str(dtype)[6:]} autocast,"
             f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs} epochs,"
-            f" {steps_per_epoch} steps/epoch -> {out}",
+            f" {len(train_loader)} steps/epoch -> {out}",
             file=sys.stderr,
         )
-    heads = 3 if cfg.aux_logits else 1
-    t_run = time.perf_counter()
-    elapsed_before = log.rows[-1].get("elapsed_s", 0.0) if log.rows else 0.0
-    row: dict[str, Any] = log.rows[-1] if log.rows else {}
-    for epoch in range(start_epoch, cfg.epochs):
-        _reseed(cfg, epoch, d.rank)
-        train_loader.set_epoch(epoch)
-        net.train()
-        meter = Meter(heads, device)
-        t0 = time.perf_counter()
-        bar = _bar(steps_per_epoch, epoch, cfg.epochs, enabled=d.main and progress)
-        for i, (x, y) in enumerate(train_loader):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(cfg, step, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with _autocast(device, dtype):
-                outs = _outputs(net(x))
-            losses = _losses(outs, y, cfg.label_smoothing)
-            loss = losses[0] + cfg.aux_weight * sum(losses[1:], torch.zeros((), device=device))
-            bad = _all_reduce((~torch.isfinite(loss.detach())).float(), d, "max")
-            if bad.item():
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1} (lr {lr:g}); "
-                    f"training stopped, {out / 'last.safetensors'} is the last good checkpoint"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            if avg is not None:
-                avg.update(raw)
-            meter.add(losses, outs, y)
-            if bar is not None:
-                done = (i + 1) * cfg.batch_size
-                bar.set_postfix(
-                    loss=f"{meter.sums[0, 0].item() / meter.count.item():.3f}",
-                    acc=f"{100 * meter.sums[1, 0].item() / meter.count.item():.1f}%",
-                    img_s=f"{done / (time.perf_counter() - t0):.0f}",
-                    refresh=False,
-                )
-                bar.update()
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1,
-                                                steps_per_epoch)}  # fmt: skip
-        row.update(meter.result(d, "train"))
-        row["images_per_s"] = steps_per_epoch * cfg.batch_size / train_time
+    return run
 
-        if not (_all_finite(raw) and (avg is None or _all_finite(avg.module))):
+
+# --- one epoch, validation, checkpoint --------------------------------------------------------
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's log row (lr, train metrics)."""
+    cfg, d, device = run.cfg, run.d, run.device
+    steps_per_epoch = len(run.train_loader)
+    _reseed(cfg, epoch, d.rank)
+    run.train_loader.set_epoch(epoch)
+    run.net.train()
+    meter = Metrics(run.num_classes, 3 if cfg.aux_logits else 1, device=device)
+    t0 = time.perf_counter()
+    bar = _bar(steps_per_epoch, epoch, cfg.epochs, enabled=d.main and run.progress)
+    for i, (x, y) in enumerate(run.train_loader):
+        lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        with autocast(device, run.dtype):
+            outs = _outputs(run.net(x))
+        losses = _losses(outs, y, cfg.label_smoothing)
+        loss = losses[0] + cfg.aux_weight * sum(losses[1:], torch.zeros((), device=device))
+        bad = all_reduce((~torch.isfinite(loss.detach())).float(), d, "max")
+        if bad.item():
             raise TrainingDiverged(
-                f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
-                f"{out / 'last.safetensors'} is the last good checkpoint"
+                f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1} (lr {lr:g}); "
+                f"training stopped, {run.out / 'last.safetensors'} is the last good checkpoint"
             )
-        last = epoch + 1 == cfg.epochs
-        if (epoch + 1) % cfg.eval_every == 0 or last:
-            judged = avg.module if avg is not None else raw
-            _broadcast_buffers(judged, d)
-            row.update(evaluate(judged, val_loader, device=device, dtype=dtype,
-                                smoothing=cfg.label_smoothing, dist=d))  # fmt: skip
-            if not math.isfinite(row["val_loss"]):
-                raise TrainingDiverged(
-                    f"validation loss is {row['val_loss']} after epoch {epoch + 1}; "
-                    f"{out / 'last.safetensors'} is the last good checkpoint"
-                )
-        row["epoch_s"] = time.perf_counter() - t0
-        row["elapsed_s"] = elapsed_before + time.perf_counter() - t_run
-        improved = "val_acc" in row and row["val_acc"] > best_acc
-        if improved:
-            best_acc, best_epoch = row["val_acc"], epoch + 1
-        if d.main:
-            meta = dict(meta_base, epoch=epoch + 1, metrics=row)
-            meta["best"] = {"epoch": best_epoch, "val_acc": best_acc}
-            groups = _state_groups(raw, opt, avg, scaler, meta)
-            save_checkpoint(out / "last.safetensors", groups, meta)
-            if improved:
-                save_checkpoint(out / "best.safetensors", groups, meta)
-            log.append(row, plot=True)
-            if progress:
-                print(_summary_line(row, cfg.epochs), file=sys.stderr, flush=True)
-    final = avg.module if avg is not None else raw
-    return RunResult(
-        out=out,
-        epochs=cfg.epochs,
-        metrics=row,
-        best_acc=best_acc,
-        best_epoch=best_epoch,
-        history=list(log.rows),
-        model=final.eval(),
-        main=d.main,
-    )
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            run.scaler.unscale_(run.opt)
+            nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.clip_grad)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        if run.avg is not None:
+            run.avg.update(run.raw)
+        meter.update(outs, y, losses)
+        if bar is not None:
+            done = (i + 1) * cfg.batch_size
+            bar.set_postfix(
+                loss=f"{meter.loss():.3f}",
+                acc=f"{meter.accuracy():.1f}%",
+                img_s=f"{done / (time.perf_counter() - t0):.0f}",
+                refresh=False,
+            )
+            bar.update()
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1,
+                                            steps_per_epoch)}  # fmt: skip
+    meter.reduce(lambda t: all_reduce(t, d))
+    row.update(meter.row("train"))
+    row["images_per_s"] = steps_per_epoch * cfg.batch_size / train_time
+    if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
+        raise TrainingDiverged(
+            f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
+            f"{run.out / 'last.safetensors'} is the last good checkpoint"
+        )
+    return row
+
+
+def _validate(run: _Run, epoch: int) -> dict[str, float]:
+    """Validation of the judged weights (the average when there is one) on every rank."""
+    broadcast_buffers(run.judged, run.d)
+    row = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
+                   smoothing=run.cfg.label_smoothing, dist=run.d)  # fmt: skip
+    if not math.isfinite(row["val_loss"]):
+        raise TrainingDiverged(
+            f"validation loss is {row['val_loss']} after epoch {epoch + 1}; "
+            f"{run.out / 'last.safetensors'} is the last good checkpoint"
+        )
+    return row
+
+
+def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
+    """`last` every epoch, `best` when validation top-1 improved; log and plots (rank 0)."""
+    improved = "val_acc" in row and row["val_acc"] > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch = row["val_acc"], epoch + 1
+    if not run.d.main:
+        return
+    meta = dict(run.meta_base, epoch=epoch + 1, metrics=row)
+    meta["best"] = {"epoch": run.best_epoch, "val_acc": run.best_acc}
+    groups = _state_groups(run, meta)
+    save_checkpoint(run.out / "last.safetensors", groups, meta)
+    if improved:
+        save_checkpoint(run.out / "best.safetensors", groups, meta)
+    run.log.append(row, plot=True)
+    if run.progress:
+        print(_summary_line(row, run.cfg.epochs), file=sys.stderr, flush=True)
 
 
 def _bar(total: int, epoch: int, epochs: int, enabled: bool):
@@ -615,9 +489,10 @@ def _summary_line(row: dict[str, Any], epochs: int) -> str:
 # --- checkpoint state ---------------------------------------------------------------------------
 
 
-def _state_groups(raw, opt, avg, scaler, meta: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+def _state_groups(run: _Run, meta: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
     """Tensor groups for save_checkpoint; JSON-able optimizer/averager state goes into meta."""
-    optim_tensors, optim_rest = optimizer_state_to_tensors(opt)
+    raw, avg, scaler = run.raw, run.avg, run.scaler
+    optim_tensors, optim_rest = optimizer_state_to_tensors(run.opt)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -631,8 +506,16 @@ def _state_groups(raw, opt, avg, scaler, meta: dict[str, Any]) -> dict[str, dict
     return groups
 
 
-def _restore(out: Path, raw, opt, avg, scaler, meta_base: dict[str, Any]) -> tuple[int, float, int]:
+def _restore(run: _Run) -> tuple[int, float, int]:
     """Load last.safetensors into model/optimizer/averager; (epochs done, best acc, its epoch)."""
+    out, raw, opt, avg, scaler, meta_base = (
+        run.out,
+        run.raw,
+        run.opt,
+        run.avg,
+        run.scaler,
+        run.meta_base,
+    )
     path = out / "last.safetensors"
     if not path.is_file():
         raise UserError(f"{path}: nothing to resume (no last checkpoint in {out})")

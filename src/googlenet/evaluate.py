@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
-from googlenet.inference import (
+from googlenet.metrics import EvalResult, Metrics
+from googlenet.transforms import (
     Preprocess,
     center_crop,
     normalize,
@@ -218,74 +219,7 @@ def ensemble_probs(
     return total / len(runners)
 
 
-# --- metrics --------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    """Accuracy of a model (or ensemble) on one data set under one TTA scheme."""
-
-    classes: list[str]
-    confusion: Tensor  # C x C int64, rows = true class, columns = predicted
-    topk_correct: dict[int, int]  # k -> number of samples whose label is in the top k
-    tta: str = "none"
-    checkpoints: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # unreadable files (folder evaluation)
-
-    @property
-    def n(self) -> int:
-        return int(self.confusion.sum())
-
-    @property
-    def top1(self) -> float:
-        return self.topk_correct.get(1, 0) / max(self.n, 1)
-
-    @property
-    def top5(self) -> float:
-        k = max(k for k in self.topk_correct if k <= 5)
-        return self.topk_correct[k] / max(self.n, 1)
-
-    @property
-    def per_class(self) -> list[float | None]:
-        """Accuracy per true class (None for a class with no samples)."""
-        support = self.confusion.sum(1)
-        diag = self.confusion.diagonal()
-        return [None if s == 0 else float(d) / float(s) for d, s in zip(diag, support, strict=True)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoints": self.checkpoints,
-            "tta": self.tta,
-            "n": self.n,
-            "top1": self.top1,
-            "top5": self.top5,
-            "per_class": dict(zip(self.classes, self.per_class, strict=True)),
-            "skipped": self.skipped,
-        }
-
-
-class MetricAccumulator:
-    """Running confusion matrix and top-k counts over batches of probabilities."""
-
-    def __init__(self, num_classes: int, ks: Sequence[int] = (1, 5)) -> None:
-        self.c = num_classes
-        self.ks = sorted({min(k, num_classes) for k in ks})
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        self.topk_correct = dict.fromkeys(self.ks, 0)
-
-    def update(self, probs: Tensor, labels: Tensor) -> None:
-        labels = labels.long()
-        top = probs.topk(max(self.ks), dim=1).indices
-        hit = top == labels.view(-1, 1)
-        for k in self.ks:
-            self.topk_correct[k] += int(hit[:, :k].any(1).sum())
-        idx = labels * self.c + top[:, 0]
-        self.confusion += torch.bincount(idx, minlength=self.c * self.c).view(self.c, self.c)
-
-    def result(self, classes: list[str], **kw: Any) -> EvalResult:
-        topk = dict(self.topk_correct)
-        topk.setdefault(1, 0)
-        return EvalResult(list(classes), self.confusion.clone(), topk, **kw)
+# --- counting -------------------------------------------------------------------------------
 
 
 def evaluate_batches(
@@ -297,7 +231,7 @@ def evaluate_batches(
     **result_kw: Any,
 ) -> EvalResult:
     """Evaluate an ensemble (one runner = one model) on (uint8 images, labels) batches."""
-    acc = MetricAccumulator(len(classes))
+    acc = Metrics(len(classes))
     for images, labels in batches:
         acc.update(ensemble_probs(runners, images, mode, max_crops), labels)
     return acc.result(classes, tta=mode, **result_kw)
@@ -346,7 +280,7 @@ def folder_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of same-sized images read from files (a photo folder mixes sizes, so each
     group of batch_size files is split by size); unreadable files go to `skipped`."""
-    from googlenet.data import read_image
+    from googlenet.transforms import read_image
 
     for i in range(0, len(samples), batch_size):
         groups: dict[tuple[int, int], tuple[list[Tensor], list[int]]] = {}
@@ -408,7 +342,7 @@ def evaluate(
     """Evaluate one checkpoint, or the softmax-averaged ensemble of several, on the test split
     of the checkpoints' data set (CIFAR via load_cifar, `data` = data root) or on an image
     folder (`data` = a folder of class sub-folders named like the checkpoint's classes)."""
-    from googlenet.data import load_cifar, resolve_data_root
+    from googlenet.datasets import load_cifar, resolve_data_root
 
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; expected one of {', '.join(TTA_MODES)}")

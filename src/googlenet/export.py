@@ -156,8 +156,8 @@ def verify(
 def real_inputs(meta: dict[str, Any], data: str | Path | None, n: int = 8) -> Tensor | None:
     """A few real test images, preprocessed as the checkpoint says (CIFAR test split when the
     checkpoint is a CIFAR one and the data is found), else None."""
-    from googlenet.data import load_cifar, resolve_data_root
-    from googlenet.inference import Preprocess, preprocess_batch
+    from googlenet.datasets import load_cifar, resolve_data_root
+    from googlenet.transforms import Preprocess, preprocess_batch
 
     dataset = meta.get("dataset")
     if dataset not in ("cifar10", "cifar100"):
@@ -213,7 +213,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export a checkpoint's model (EMA weights when present) and verify the file."""
     from googlenet.checkpoint import load_model, resolve_checkpoint
-    from googlenet.inference import Preprocess
+    from googlenet.transforms import Preprocess
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")

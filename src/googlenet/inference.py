@@ -13,87 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a checkpoint's model expects its input (meta["preprocess"])."""
-
-    input_size: int  # side of the square crop fed to the model
-    mean: tuple[float, float, float]  # per-channel mean on the 0..1 scale
-    std: tuple[float, float, float]  # per-channel std on the 0..1 scale
-    resize: int | None = None  # shorter side before the centre crop; None: input_size
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any], source: str = "checkpoint") -> Preprocess:
-        pp = meta.get("preprocess")
-        if not isinstance(pp, dict):
-            raise UserError(f"{source}: checkpoint metadata has no 'preprocess' section")
-        try:
-            return cls(
-                input_size=int(pp["input_size"]),
-                mean=tuple(float(v) for v in pp["mean"]),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in pp["std"]),  # type: ignore[arg-type]
-                resize=None if pp.get("resize") is None else int(pp["resize"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{source}: bad 'preprocess' metadata {pp!r}: {e}") from e
-
-    @property
-    def shorter_side(self) -> int:
-        return self.resize or self.input_size
-
-
-def to_float(images: Tensor) -> Tensor:
-    """uint8 0..255 -> float32 0..1; float input is taken as already on the 0..1 scale."""
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-
-
-def resize_shorter(images: Tensor, size: int) -> Tensor:
-    """Resize a float N x 3 x H x W batch so its shorter side is `size`, keeping the aspect."""
-    h, w = images.shape[-2:]
-    new = resized_shape(h, w, size)
-    if new == (h, w):
-        return images
-    return F.interpolate(images, size=new, mode="bilinear", align_corners=False, antialias=True)
-
-
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h, w) after resizing the shorter side to `size`, keeping the aspect ratio."""
-    if min(height, width) == size:
-        return height, width
-    if height <= width:
-        return size, max(1, round(width * size / height))
-    return max(1, round(height * size / width)), size
-
-
-def resize_square(images: Tensor, size: int) -> Tensor:
-    """Resize a float N x 3 x H x W batch to size x size (no-op when already that size)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-
-
-def center_crop(images: Tensor, size: int) -> Tensor:
-    h, w = images.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return images[..., top : top + size, left : left + size]
-
-
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = images.new_tensor(mean).view(-1, 1, 1)
-    s = images.new_tensor(std).view(-1, 1, 1)
-    return (images - m) / s
-
-
-def preprocess_batch(images: Tensor, pp: Preprocess) -> Tensor:
-    """uint8 (or 0..1 float) N x 3 x H x W -> the normalised N x 3 x S x S model input."""
-    x = resize_shorter(to_float(images), pp.shorter_side)
-    return normalize(center_crop(x, pp.input_size), pp.mean, pp.std).contiguous()
+from googlenet.transforms import Preprocess, preprocess_batch, read_image
 
 
 @dataclass
@@ -177,8 +100,6 @@ class Predictor:
 def as_image_tensor(image: ImageLike) -> Tensor:
     """A path, PIL image or 3 x H x W tensor -> a 3 x H x W tensor (uint8, or float 0..1)."""
     if isinstance(image, (str, Path)):
-        from googlenet.data import read_image
-
         return read_image(image)
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
@@ -222,8 +143,6 @@ def predict_files(
 ) -> Iterator[tuple[Path, Prediction | None, str | None]]:
     """(path, prediction, None) per readable image, (path, None, error message) per bad file,
     in input order; a bad file never stops the others."""
-    from googlenet.data import read_image
-
     pending: list[tuple[Path, Tensor]] = []
 
     def flush() -> Iterator[tuple[Path, Prediction | None, str | None]]:

@@ -59,8 +59,8 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
     """Convert torchvision's GoogLeNet weights to OUT_DIR/best.safetensors (strict load: a file
     with missing, extra or wrongly shaped keys is rejected with a message listing them)."""
     from googlenet.checkpoint import load_state_dict_strict, save_checkpoint
-    from googlenet.data import IMAGENET_MEAN, IMAGENET_STD
     from googlenet.model import build
+    from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     src = Path(path)
     state = read_state_dict(src)

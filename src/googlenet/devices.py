@@ -1,0 +1,56 @@
+"""Where and in what precision a model runs: device choice (auto: CUDA when available) and the
+autocast dtype (bf16 on CPUs with AVX-512 bf16 and on GPUs that have it, fp16 otherwise on CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from googlenet.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(
+    name: str = "auto", index: int = 0, what: str = "config key 'device'"
+) -> torch.device:
+    """auto | cpu | cuda -> a torch.device (cuda:index modulo the GPUs present)."""
+    if name not in DEVICES:
+        raise UserError(f"{what}: expected one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError(f"{what}: cuda requested but no CUDA GPU is available")
+        return torch.device("cuda", index % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (AVX-512 bf16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(
+    precision: str, device: torch.device, what: str = "config key 'precision'"
+) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"{what}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else None
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError(f"{what}: fp16 is for CUDA; use bf16 or fp32 on a CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for dtype, or a no-op context for fp32 (None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,166 @@
+"""The batch loader: indices -> (augmented, resized, normalised float batch, labels).
+
+`BatchLoader` gathers a batch of indices from a dataset (uint8 images), applies augmentation as
+batch tensor ops (augment.py), then resizes on the fly to the model's input size, so a resized
+copy of a dataset never exists. Order and augmentation come from a torch.Generator seeded from
+(seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from googlenet.augment import Augment, crop_flip, cutout, photometric, scale_aspect_boxes
+from googlenet.errors import UserError
+from googlenet.transforms import resample_matrix
+
+if TYPE_CHECKING:
+    from googlenet.datasets import Dataset
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from several integers (stable across runs and platforms)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class BatchLoader:
+    """Batches of (x float32 N x 3 x input_size x input_size normalised, y int64) from a dataset.
+
+    Order and augmentation are a pure function of (seed, epoch, rank): call set_epoch(e) before
+    each epoch. With world_size > 1 each rank iterates a disjoint slice of the same permutation;
+    with drop_last all ranks get the same number of batches, and without it (evaluation) every
+    sample is seen exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if input_size < 1:
+            raise UserError(f"input size must be >= 1, got {input_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise UserError(f"mean and std need 3 values with std > 0, got {mean} and {std}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.input_size = input_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.epoch = 0
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose order and augmentation the next iteration produces."""
+        self.epoch = int(epoch)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in iteration order."""
+        n = len(self.dataset)
+        if self.shuffle:  # the same permutation on every rank, so the slices are disjoint
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.drop_last:  # equal share per rank
+            order = order[: n // self.world_size * self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        per_rank = (
+            n // self.world_size if self.drop_last else len(range(self.rank, n, self.world_size))
+        )
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.indices()
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
+        labels = self.dataset.labels
+        for i in range(len(self)):
+            b = idx[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.dataset.get_images(b)
+            yield self.transform(images, g), labels[b].to(self.device)
+
+    def transform(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 B x 3 x H x W -> augmented, resized, normalised float32 B x 3 x S x S.
+
+        Pixel-wise work (photometric, normalisation, cutout) runs at the source resolution and
+        the resize comes last: resampling weights sum to 1, so normalising first is exact and the
+        224 x 224 batch is written once."""
+        aug = self.augment
+        x = images.to(self.device, non_blocking=True)
+        b, _, h, w = x.shape
+        size = self.input_size
+        flip = torch.rand(b, generator=g) < 0.5 if aug is not None and aug.flip else None
+        box = None
+        if aug is not None and aug.scale_aspect:
+            box = scale_aspect_boxes(b, h, w, aug.min_area, g)
+        else:
+            # A source larger than the input is cropped to it (random when augmenting, else
+            # the centre), as the checkpoint's "resize, then centre-crop" preprocess says.
+            crop = (min(h, size), min(w, size))
+            if aug is not None and (aug.crop_padding or flip is not None or crop != (h, w)):
+                x = crop_flip(x, aug.crop_padding, flip, aug.padding_mode, g, crop)
+                flip = None  # done
+            elif crop != (h, w):
+                top, left = (h - crop[0]) // 2, (w - crop[1]) // 2
+                x = x[:, :, top : top + crop[0], left : left + crop[1]]
+            b, _, h, w = x.shape
+        x = x.float().mul_(1 / 255)
+        if aug is not None and aug.photometric:
+            x = photometric(x, aug.jitter, aug.lighting, g)
+        x = (x - self.mean) / self.std
+        if aug is not None and aug.cutout:
+            x = cutout(x, aug.cutout, torch.zeros(3, device=self.device), g)
+        if box is not None or (h, w) != (size, size):
+            if box is None:
+                box = (
+                    torch.zeros(b),
+                    torch.zeros(b),
+                    torch.full((b,), float(w)),
+                    torch.full((b,), float(h)),
+                )
+            x0, y0, cw, ch = box
+            wy = resample_matrix(y0, ch, h, size).to(self.device)
+            wx = resample_matrix(x0, cw, w, size)
+            if flip is not None:
+                wx = torch.where(flip[:, None, None], wx.flip(1), wx)
+            wx = wx.to(self.device)
+            # Crop + flip + resize as two batched matmuls: Wy @ (x @ Wx^T).
+            t = torch.matmul(x, wx[:, None].transpose(2, 3))  # b x 3 x h x size
+            if self.channels_last:  # write the big output directly as b x size x size x 3
+                t = t.permute(0, 2, 3, 1).reshape(b, h, size * 3)
+                x = torch.bmm(wy, t).view(b, size, size, 3).permute(0, 3, 1, 2)
+            else:
+                x = torch.matmul(wy[:, None], t)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
