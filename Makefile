@@ -6,13 +6,13 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint format summary clean
+.PHONY: setup browser train test lint format summary clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,onnx]"
+	$(PY) -m pip install -q -e ".[dev,onnx,serve]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,7 +24,15 @@ DATA ?= $(or $(GOOGLENET_DATA),$(wildcard ../shared/datasets),data)
 train: $(STAMP)
 	$(VENV)/bin/googlenet train --data "$(DATA)" $(ARGS)
 
-test: $(STAMP)
+# Browser tests drive the system Chromium; install it on Debian when root, else they skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  grep -qx 'ID=debian' /etc/os-release 2>/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	  echo "note: no Chromium here (Debian + root installs it); browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m ruff check src tests bench
 	$(PY) -m ruff format --check src tests bench
 	$(PY) -m pytest $(ARGS)

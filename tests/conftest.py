@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import io
+import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from googlenet.checkpoint import save_checkpoint
 from googlenet.datasets import ArrayDataset
@@ -98,3 +102,51 @@ def calibrate(model: torch.nn.Module, side: int) -> None:
 
 def random_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- explain / report / serve helpers ----------------------------------------------------------
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (40, 52), mode: str = "RGB") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run(folder: Path, n_val: int = 12) -> Path:
+    """A run folder as training leaves it: checkpoint, config, metrics, val predictions."""
+    make_checkpoint(folder / "best.safetensors", input_size=16)  # small: a fast test
+    (folder / "config.toml").write_text('recipe = "test"\nvariant = "cifar"\nepochs = 2\n')
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "val_loss": 2.1 / e,
+            "train_acc": 30.0 * e,
+            "val_acc": 28.0 * e,
+            "train_aux1_loss": 2.2 / e,
+            "val_aux1_loss": 2.3 / e,
+            "images_per_s": 150.0 + e,
+            "epoch_s": 60.0,
+            "elapsed_s": 60.0 * e,
+        }
+        for e in (1, 2)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = ["path,label,pred,prob"]
+    rng = np.random.default_rng(0)
+    for i in range(n_val):
+        p = folder / "val" / f"v{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(p)
+        label, pred = i % 3, (i % 3 if i % 4 else (i + 1) % 3)  # every 4th is a mistake
+        lines.append(f"{p},{CLASSES[label]},{CLASSES[pred]},{0.5 + i / 100:.4f}")
+    (folder / "val_predictions.csv").write_text("\n".join(lines) + "\n")
+    return folder

@@ -342,8 +342,6 @@ def evaluate(
     """Evaluate one checkpoint, or the softmax-averaged ensemble of several, on the test split
     of the checkpoints' data set (CIFAR via load_cifar, `data` = data root) or on an image
     folder (`data` = a folder of class sub-folders named like the checkpoint's classes)."""
-    from googlenet.datasets import load_cifar, resolve_data_root
-
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; expected one of {', '.join(TTA_MODES)}")
     if batch_size < 1:
@@ -352,6 +350,34 @@ def evaluate(
     first = members[0]
     runners = [(make_runner(m.model, bf16), m.preprocess) for m in members]
     kw: dict[str, Any] = {"checkpoints": [m.name for m in members]}
+    batches, total = eval_batches(first, data, batch_size, limit, kw)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"evaluate ({tta})", unit="img", disable=None, leave=False)
+
+    def counted(it: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in it:
+            yield images, labels
+            bar.update(len(labels))
+
+    try:
+        return evaluate_batches(runners, counted(batches), first.classes, tta, max_crops, **kw)
+    finally:
+        bar.close()
+
+
+def eval_batches(
+    first: Member,
+    data: str | Path | None,
+    batch_size: int,
+    limit: int | None = None,
+    kw: dict[str, Any] | None = None,
+) -> tuple[Iterator[tuple[Tensor, Tensor]], int]:
+    """(uint8 images, labels) batches of the test split of the checkpoint's data set (CIFAR
+    under the data root `data`) or of a folder of class sub-folders, and their number; `limit`
+    keeps the first N (CIFAR) or N evenly spread files (folder). Skipped files go to kw."""
+    from googlenet.datasets import load_cifar, resolve_data_root
+
     root = resolve_data_root(data)
     is_folder = data is not None and root.is_dir() and _has_class_folders(root, first.classes)
     if not is_folder and first.dataset in ("cifar10", "cifar100"):
@@ -375,22 +401,11 @@ def evaluate(
             step = len(samples) / max(limit, 1)  # evenly spread, so every class is seen
             samples = [samples[int(i * step)] for i in range(limit)]
         skipped: list[str] = []
-        kw["skipped"] = skipped
+        if kw is not None:
+            kw["skipped"] = skipped
         batches = folder_batches(samples, batch_size, skipped)
         total = len(samples)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=f"evaluate ({tta})", unit="img", disable=None, leave=False)
-
-    def counted(it: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in it:
-            yield images, labels
-            bar.update(len(labels))
-
-    try:
-        return evaluate_batches(runners, counted(batches), first.classes, tta, max_crops, **kw)
-    finally:
-        bar.close()
+    return batches, total
 
 
 def _has_class_folders(root: Path, classes: list[str]) -> bool:

@@ -1,0 +1,97 @@
+"""Does an inception block use its larger filters when objects are larger? Branch usage of the
+same CIFAR-10 test images shown zoomed out and in (the tutorial's claim: each block picks the
+filter size that suits the object's scale).
+
+Zoom z > 1: the central (S/z) x (S/z) crop is resized up to S x S (objects larger);
+zoom z < 1: the whole image is resized down to zS x zS and centred on a mean-grey canvas
+(objects smaller). Prints top-1 and the mean energy share (and per-channel share) of each
+branch per block and zoom, as a markdown table.
+
+usage: PYTHONPATH=src python bench/branch_scale.py CKPT DATA_ROOT [--n 500] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from googlenet.datasets import load_cifar
+from googlenet.explain import BRANCHES, BranchUsage, branch_energy
+from googlenet.inference import load
+from googlenet.transforms import normalize, to_float
+
+ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def zoom(images: torch.Tensor, z: float) -> torch.Tensor:
+    """0..1 float N x 3 x S x S -> the same images zoomed by z, still S x S (mean-grey pad)."""
+    s = images.shape[-1]
+    if z == 1.0:
+        return images
+    if z > 1:
+        c = round(s / z)
+        top = (s - c) // 2
+        crop = images[..., top : top + c, top : top + c]
+        return F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True)
+    small = F.interpolate(images, size=(round(s * z),) * 2, mode="bilinear", antialias=True)
+    out = images.mean((0, 2, 3), keepdim=True).expand_as(images).clone()
+    top = (s - small.shape[-1]) // 2
+    out[..., top : top + small.shape[-1], top : top + small.shape[-1]] = small
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("checkpoint")
+    p.add_argument("data")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    predictor = load(args.checkpoint)
+    pp, model = predictor.preprocess, predictor.model.eval()
+    ds = load_cifar(args.data, "cifar10", "test").subset(args.n)
+    images, labels = to_float(ds.images), ds.labels
+    result: dict[str, dict] = {}
+    for z in ZOOMS:
+        x = normalize(zoom(images, z), pp.mean, pp.std)
+        usage = BranchUsage({}, {})
+        correct = 0
+        for i in range(0, len(x), 100):
+            xb = x[i : i + 100]
+            usage = usage.cat(branch_energy(model, xb))
+            with torch.no_grad():
+                correct += int((model(xb).argmax(1) == labels[i : i + 100]).sum())
+        result[str(z)] = {
+            "top1": 100 * correct / len(x),
+            "mean": {b: s.tolist() for b, s in usage.mean_shares().items()},
+            "per_channel": {b: s.tolist() for b, s in usage.mean_shares(True).items()},
+        }
+    blocks = list(result["1.0"]["mean"])
+    print(f"{args.n} CIFAR-10 test images; top-1 per zoom: ", end="")
+    print(", ".join(f"x{z}: {result[str(z)]['top1']:.1f}%" for z in ZOOMS))
+    for key, what in (("mean", "energy share"), ("per_channel", "per-channel share")):
+        print(f"\n{what} (%) of 1x1 / 3x3 / 5x5 / pool, per zoom\n")
+        print("| block | " + " | ".join(f"x{z}" for z in ZOOMS) + " |")
+        print("|---|" + "---|" * len(ZOOMS))
+        for b in blocks:
+            cells = [" / ".join(f"{100 * v:.0f}" for v in result[str(z)][key][b]) for z in ZOOMS]
+            print(f"| {b.replace('inception', '')} | " + " | ".join(cells) + " |")
+    five = BRANCHES.index("5x5")
+    print("\n5x5 energy share, mean over blocks: ", end="")
+    print(
+        ", ".join(
+            f"x{z}: {100 * sum(result[str(z)]['mean'][b][five] for b in blocks) / len(blocks):.1f}%"
+            for z in ZOOMS
+        )
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""RUN/report.html: one self-contained page (images embedded as data URIs, no network needed)
+about a training run: config, curves per head, confusion matrix and per-class accuracy, sample
+predictions with the most confident mistakes and their Grad-CAMs, branch usage, timing.
+
+It is built from what the run recorded (config.toml, metrics.jsonl, val_predictions.csv, the
+best checkpoint); images are read from the run's data set only for the picture grids.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from googlenet.errors import UserError
+
+PREDICTIONS = "val_predictions.csv"
+
+
+@dataclass
+class ValPrediction:
+    """One validation image's recorded result (a row of val_predictions.csv)."""
+
+    key: str  # image index in the validation set, or its file path
+    label: int  # true class index
+    pred: int  # predicted class index
+    prob: float  # probability of the predicted class
+
+
+def _column(header: list[str], *names: str) -> int | None:
+    low = [h.strip().lower() for h in header]
+    for n in names:
+        if n in low:
+            return low.index(n)
+    return None
+
+
+def read_predictions(path: str | Path, classes: list[str]) -> list[ValPrediction]:
+    """Rows of val_predictions.csv; labels may be class names or indices."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise UserError(f"{path}: empty")
+    header = rows[0]
+    key = _column(header, "index", "image", "path", "file", "source")
+    true = _column(header, "label", "true", "true_label", "target", "y")
+    pred = _column(header, "pred", "predicted", "prediction", "predicted_label")
+    prob = _column(header, "prob", "probability", "confidence", "p")
+    if None in (key, true, pred, prob):
+        raise UserError(f"{path}: unexpected columns {header}")
+    names = {c: i for i, c in enumerate(classes)}
+
+    def idx(v: str) -> int:
+        return names[v] if v in names else int(v)
+
+    out = []
+    for r in rows[1:]:
+        if r:
+            out.append(ValPrediction(r[key], idx(r[true]), idx(r[pred]), float(r[prob])))
+    return out
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(png: bytes, alt: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<img src="{_data_uri(png)}" alt="{html.escape(alt)}"{w}>'
+
+
+def _table(rows: list[list[Any]], header: list[str] | None = None) -> str:
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def curves_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """loss and accuracy curves per head (the run's own loss.png/accuracy.png, redrawn)."""
+    import tempfile
+
+    from googlenet.logs import plot_history
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {p.stem: p.read_bytes() for p in plot_history(rows, tmp)}
+
+
+def _val_images(
+    cfg: dict[str, Any], data: str | Path | None, keys: list[str], val_set: Any = None
+) -> Tensor | None:
+    """uint8 images of the validation set for the recorded keys (indices into the validation
+    set: `val_set` when given, else the CIFAR test split, as training validates on it; or file
+    paths); None when the data is not here."""
+    from googlenet.datasets import load_cifar, resolve_data_root
+    from googlenet.transforms import read_image_resized
+
+    size = int(cfg.get("input_size") or 32)
+    if all(k.isdigit() for k in keys):
+        if val_set is not None:
+            return val_set.get_images(torch.tensor([int(k) for k in keys]))
+        if cfg.get("dataset") not in ("cifar10", "cifar100"):
+            return None
+        try:
+            root = resolve_data_root(data or cfg.get("data_root") or None)
+            ds = load_cifar(root, cfg["dataset"], "test")
+        except UserError:
+            return None
+        return ds.get_images(torch.tensor([int(k) for k in keys]))
+    try:
+        return torch.stack([read_image_resized(k, size) for k in keys])
+    except (UserError, OSError):
+        return None
+
+
+def _grid_png(tiles: list[tuple[Tensor, str, bool]], cols: int = 8) -> bytes:
+    """Images (3 x H x W, 0..1) with captions, mistakes captioned in red."""
+    import math
+
+    from googlenet.explain import _png, _pyplot
+
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(tiles) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.65 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, caption, ok) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_title(caption, fontsize=6.5, color="black" if ok else "crimson")
+    fig.tight_layout(pad=0.3)
+    return _png(fig)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def build_report(
+    run: str | Path,
+    data: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    samples: int = 16,
+    mistakes: int = 8,
+    usage_images: int = 64,
+    features: str | None = None,
+    channels: int = 4,
+    val_set: Any = None,
+) -> str:
+    """The report page for a run folder, as HTML text. `val_set` (a data set with
+    get_images) saves re-reading the validation images when training has them loaded."""
+    from googlenet import explain as E
+    from googlenet.evaluate import confusion_png
+    from googlenet.inference import load
+    from googlenet.logs import read_jsonl
+    from googlenet.metrics import EvalResult
+    from googlenet.transforms import preprocess_batch
+
+    t0 = time.perf_counter()
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder")
+    predictor = load(checkpoint or run)
+    meta, classes = predictor.meta, predictor.classes
+    cfg_path = run / "config.toml"
+    cfg: dict[str, Any] = dict(meta.get("config") or {})
+    if cfg_path.is_file():
+        cfg = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    parts: list[str] = []
+    notes: list[str] = []
+
+    # Summary and config
+    best = meta.get("best") or {}
+    summary = [
+        ["run", str(run)],
+        ["variant", meta.get("model", {}).get("variant", "?")],
+        ["data set", meta.get("dataset", "?")],
+        ["epochs run", len(rows)],
+        ["best epoch", best.get("epoch", meta.get("epoch", "?"))],
+        ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
+    ]
+    parts.append("<h2>Summary</h2>" + _table(summary))
+    parts.append(
+        "<h2>Config</h2><details open><summary>config.toml</summary>"
+        + _table([[k, json.dumps(v)] for k, v in cfg.items()], ["key", "value"])
+        + "</details>"
+    )
+
+    # Curves
+    if rows:
+        pngs = curves_pngs(rows)
+        parts.append(
+            "<h2>Loss and accuracy per head</h2><div class=row>"
+            + "".join(_img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
+            + "</div><p>Solid: train; dashed: validation; one colour per head (output, aux1, "
+            "aux2).</p>"
+        )
+        last = rows[-1]
+        timing = [
+            ["training time", f"{float(last.get('elapsed_s', 0)) / 60:.1f} min"],
+            ["seconds per epoch", ", ".join(f"{float(r.get('epoch_s', 0)):.1f}" for r in rows)],
+            [
+                "training images/s",
+                ", ".join(f"{float(r.get('images_per_s', 0)):.0f}" for r in rows),
+            ],
+        ]
+        parts.append("<h2>Timing</h2>" + _table(timing))
+    else:
+        notes.append("no metrics.jsonl: no curves or timing")
+
+    # Validation results
+    preds_path = run / PREDICTIONS
+    preds = read_predictions(preds_path, classes) if preds_path.is_file() else []
+    x_all: Tensor | None = None
+    if preds:
+        c = len(classes)
+        cm = torch.zeros(c, c, dtype=torch.int64)
+        for p in preds:
+            cm[p.label, p.pred] += 1
+        result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
+        per_class = [
+            [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
+            for i, (name, a) in enumerate(zip(classes, result.per_class, strict=True))
+        ]
+        parts.append(
+            f"<h2>Validation: confusion matrix and per-class accuracy</h2>"
+            f"<p>top-1 {100 * result.top1:.2f}% on {result.n} images "
+            f"(recorded in {PREDICTIONS})</p><div class=row>"
+            + _img(confusion_png(result), "confusion matrix", 560)
+            + _table(per_class, ["class", "accuracy", "images"])
+            + "</div>"
+        )
+        wrong = sorted((p for p in preds if p.pred != p.label), key=lambda p: -p.prob)[:mistakes]
+        step = max(1, len(preds) // max(samples, 1))
+        shown = preds[::step][:samples]
+        keys = [p.key for p in shown + wrong]
+        images = _val_images(cfg, data, keys, val_set) if keys else None
+        if images is None:
+            notes.append("the validation images are not here (give --data): no picture grids")
+        else:
+            x_all = preprocess_batch(images, predictor.preprocess)
+            raw = images.float() / 255 if images.dtype == torch.uint8 else images
+            tiles = [
+                (
+                    raw[i],
+                    f"{classes[p.pred]} {100 * p.prob:.0f}%\n(true {classes[p.label]})",
+                    p.pred == p.label,
+                )
+                for i, p in enumerate(shown)
+            ]
+            parts.append(
+                "<h2>Sample predictions</h2><p>Evenly spread over the validation set; red: "
+                "wrong.</p>" + _img(_grid_png(tiles), "sample predictions")
+            )
+            if wrong:
+                xw = x_all[len(shown) :]
+                cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
+                cells = []
+                for j, p in enumerate(wrong):
+                    pic = E.denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
+                    over = E.overlay(pic, cams[j], min_side=96)
+                    cap = (
+                        f"#{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
+                    )
+                    cells.append(
+                        f"<figure>{_img(E.png_bytes(over), cap)}"
+                        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+                    )
+                parts.append(
+                    "<h2>Most confident mistakes, with Grad-CAM</h2><p>Grad-CAM of the "
+                    f"predicted class at {E.DEFAULT_BLOCK}: where the evidence for the wrong "
+                    "answer lies.</p><div class=row>" + "".join(cells) + "</div>"
+                )
+    else:
+        notes.append(f"no {PREDICTIONS} in the run folder: no confusion matrix or samples")
+
+    # Branch usage over validation images (the samples, topped up from the data set)
+    if x_all is not None and len(x_all):
+        usage_x = x_all[:usage_images]
+        usage = E.branch_energy(predictor.model.eval(), usage_x)
+        mean = usage.mean_shares()
+        per_ch = usage.mean_shares(per_channel=True)
+        table = [
+            [b.replace("inception", "")]
+            + [f"{100 * float(v):.1f}%" for v in mean[b]]
+            + [f"{100 * float(v):.1f}%" for v in per_ch[b]]
+            for b in mean
+        ]
+        header = ["block"] + [f"{k}" for k in E.BRANCHES] + [f"{k} /ch" for k in E.BRANCHES]
+        parts.append(
+            "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
+            "activations), mean over the validation images shown above; /ch: divided by the "
+            "branch's width first.</p><div class=row>"
+            + _img(E.branch_usage_png(usage), "branch usage")
+            + _table(table, header)
+            + "</div>"
+        )
+    parts.append(
+        "<h2>First-layer filters</h2>"
+        + _img(E.png_bytes(E.filters_grid(predictor.model)), "first-layer filters")
+    )
+    if features:
+        chans = list(range(channels))
+        pp = predictor.preprocess
+        imgs = E.visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
+        parts.append(
+            f"<h2>Feature visualisation: {html.escape(features)}</h2>"
+            + _img(E.features_png(imgs, features, chans), "feature visualisation")
+        )
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.insert(1, f"<ul class=notes>{items}</ul>")
+    took = time.perf_counter() - t0
+    title = f"googlenet run report: {run.name}"
+    return PAGE.format(
+        title=html.escape(title),
+        body="\n".join(parts),
+        footer=html.escape(
+            f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.1f} s "
+            f"from {run} by googlenet report"
+        ),
+    )
+
+
+def write_report(
+    run: str | Path,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    **kw: Any,
+) -> Path:
+    """Write the report (default RUN/report.html); an existing file is replaced only with
+    force=True. Returns its path."""
+    from googlenet.checkpoint import atomic_write_text
+
+    path = Path(out) if out else Path(run) / "report.html"
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to replace it or --out for another file")
+    text = build_report(run, data, **kw)
+    atomic_write_text(path, text)
+    return path
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em;
+       border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; font-size: 12px; margin: .4em 0; }}
+td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
+img {{ max-width: 100%; }} figure {{ margin: 0; font-size: 11px; width: 200px; }}
+.notes {{ color: #8a5300; }} footer {{ color: #777; font-size: 11px; margin-top: 2em; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+<footer>{footer}</footer>
+</body></html>
+"""

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from googlenet.cli import main
+from googlenet.report import write_report
+from tests.conftest import make_run
+
+
+class Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        d = dict(attrs)
+        if tag == "img":
+            self.srcs.append(d.get("src") or "")
+        if tag in ("script", "link") and (d.get("src") or d.get("href")):
+            self.links.append(d.get("src") or d.get("href") or "")
+
+
+def test_report_is_one_self_contained_file_with_every_section(tmp_path: Path):
+    run = make_run(tmp_path / "run")
+    path = write_report(run)
+    assert path == run / "report.html"
+    text = path.read_text()
+    for heading in (
+        "Config",
+        "Loss and accuracy per head",
+        "confusion matrix and per-class accuracy",
+        "Sample predictions",
+        "Most confident mistakes, with Grad-CAM",
+        "Branch usage",
+        "Timing",
+        "First-layer filters",
+    ):
+        assert heading in text, heading
+    parser = Images()
+    parser.feed(text)
+    assert not parser.links  # no scripts or style sheets fetched from anywhere
+    assert len(parser.srcs) >= 8
+    for src in parser.srcs:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            assert im.size[0] > 0 and im.size[1] > 0
+    # 3 of 12 recorded predictions are wrong: 75% top-1, and 3 Grad-CAM figures
+    assert "top-1 75.00% on 12 images" in text
+    assert len(re.findall(r"<figure>", text)) == 3
+    assert "151, 152" in text  # images/s per epoch
+
+
+def test_report_never_replaces_silently_and_cli_regenerates(tmp_path: Path, capsys):
+    run = make_run(tmp_path / "run", n_val=6)
+    (run / "report.html").write_text("mine")
+    assert main(["report", str(run)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (run / "report.html").read_text() == "mine"
+    assert main(["report", str(run), "--force"]) == 0
+    assert (run / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_report_without_recorded_predictions_says_what_is_missing(tmp_path: Path):
+    run = make_run(tmp_path / "run")
+    (run / "val_predictions.csv").unlink()
+    text = write_report(run).read_text()
+    assert "no val_predictions.csv in the run folder" in text
+    assert "Loss and accuracy per head" in text
+
+
+def test_report_on_a_missing_run_is_a_clear_error(tmp_path: Path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def html_report(tmp_path: Path) -> Path:
+    return write_report(make_run(tmp_path / "run"))
