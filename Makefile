@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,onnx,serve]"
+	$(PY) -m pip install -q -e ".[dev,onnx,serve,scale]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -451,10 +451,14 @@ def _make_folder(root: Path) -> dict[str, Path]:
 
 def test_image_folder_bad_files(tmp_path):
     files = _make_folder(tmp_path)
-    with pytest.raises(UserError, match=r"(corrupt\.jpg|notes\.txt).*skip"):
-        load_image_folder(tmp_path, size=16)
+    # 2 of 6 files unreadable: past the default 1%, named in the error (and each warned)
+    with (
+        pytest.raises(UserError, match=r"2 of 6 images are unreadable.*(corrupt\.jpg|notes\.txt)"),
+        pytest.warns(UserWarning, match="skipping"),
+    ):
+        load_image_folder(tmp_path, size=16, in_memory=True)
     with pytest.warns(UserWarning) as caught:
-        ds = load_image_folder(tmp_path, size=16, skip_bad=True, in_memory=True)
+        ds = load_image_folder(tmp_path, size=16, max_bad=0.5, in_memory=True)
     messages = " ".join(str(w.message) for w in caught)
     assert str(files["corrupt"]) in messages and str(files["text"]) in messages
     assert isinstance(ds, ArrayDataset) and ds.classes == ["cats", "dogs"]

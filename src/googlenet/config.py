@@ -22,7 +22,7 @@ from googlenet.errors import UserError, note
 DEFAULT_RECIPE = "cifar10-fast"
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar10", "cifar100", "folder"),
+    "dataset": ("cifar10", "cifar100", "folder", "shards"),
     "schedule": ("step", "onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
@@ -47,9 +47,11 @@ class TrainConfig:
     dropout: float = -1.0  # dropout before the classifier; negative: the variant's default
     aux_dropout: float = -1.0  # dropout inside the aux heads; negative: the variant's default
     # --- data ---
-    dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train and root/val sub-folders)
+    dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train, root/val) | shards
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
     input_size: int = 32  # training/eval side in pixels; 0: the variant's size (images resized)
+    resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
+    #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
     limit_val: int = 0  # use only the first N validation images (0: all)
     # --- augmentation (training only) ---
@@ -82,6 +84,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     workers: int = 0  # torch CPU threads per process (0: torch's default)
+    sync_bn: bool = False  # DDP on GPUs: BatchNorm statistics over the global batch (BN variants)
+    loader_workers: int = -1  # folder/shards: processes decoding batches ahead of the step;
+    #   -1: this rank's share of the CPU cores less one (at most 16), 0: threads in this process
     # --- run ---
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 1  # validate every N epochs (and always after the last)
@@ -114,6 +119,7 @@ class TrainConfig:
             "clip_grad",
             "aux_weight",
             "workers",
+            "resize",
         )
         for key in positive:
             if getattr(self, key) <= 0:
@@ -126,6 +132,17 @@ class TrainConfig:
         for key in ("warmup", "label_smoothing", "ema_decay", "momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be in [0, 1), got {getattr(self, key)}")
+        if self.loader_workers < -1:
+            raise UserError(
+                f"config key 'loader_workers': must be >= -1, got {self.loader_workers}"
+            )
+        if self.sync_bn:
+            from googlenet.model import get_spec
+
+            if not get_spec(self.variant).batch_norm:
+                raise UserError(
+                    f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
+                )
         if self.ema and self.polyak:
             raise UserError("config keys 'ema' and 'polyak' are exclusive; set one to false")
         return self

@@ -378,14 +378,21 @@ def _missing_message(root: Path, name: str) -> str:
 
 # --- image folders ----------------------------------------------------------------------------
 
+MAX_BAD = 0.01  # the share of a data set that may be unreadable before training stops
+
 
 def _default_workers() -> int:
     return min(8, (os.cpu_count() or 1) + 2)  # decoding releases the GIL; a little extra for I/O
 
 
 class ImageFolderDataset:
-    """Images streamed from disk: each batch is decoded and resized to size x size by a thread
-    pool. Same interface as ArrayDataset for BatchLoader (len, labels, classes, get_images)."""
+    """Images streamed from disk, decoded only when a batch asks for them (nothing up front).
+
+    `load_batch` is what BatchLoader reads through: it decodes and resizes each file to
+    size x size and reports the unreadable ones instead of failing; BatchLoader drops those from
+    the batch and calls `note_bad`, which warns once per file (naming it), counts it in `bad`,
+    and raises UserError once more than `max_bad` of the data set is unreadable. `load_batch`
+    keeps no state, so it runs unchanged in DataLoader worker processes."""
 
     def __init__(
         self,
@@ -394,16 +401,24 @@ class ImageFolderDataset:
         classes: list[str],
         size: int,
         workers: int | None = None,
+        max_bad: float = MAX_BAD,
+        root: Path | None = None,
     ) -> None:
         self.paths = list(paths)  # one file per sample
         self.labels = torch.as_tensor(labels, dtype=torch.int64)  # class index per sample
         self.classes = classes  # class names (sub-folder names), index = label
         self.size = size  # working side length every image is resized + centre-cropped to
-        self.workers = workers or _default_workers()  # decoding threads
+        self.workers = workers or _default_workers()  # decoding threads (in this process)
+        self.max_bad = max_bad  # share of unreadable files tolerated
+        self.root = root  # the folder, for messages
+        self.bad: dict[int, str] = {}  # index -> why it could not be read, as found
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getstate__(self) -> dict[str, Any]:  # to DataLoader workers: without the pool
+        return dict(self.__dict__, _pool=None)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -412,24 +427,69 @@ class ImageFolderDataset:
     def subset(self, indices_or_n: int | Sequence[int] | torch.Tensor) -> ImageFolderDataset:
         idx = _subset_index(indices_or_n, len(self)).tolist()
         return ImageFolderDataset(
-            [self.paths[i] for i in idx], self.labels[idx], self.classes, self.size, self.workers
+            [self.paths[i] for i in idx],
+            self.labels[idx],
+            self.classes,
+            self.size,
+            self.workers,
+            self.max_bad,
+            self.root,
         )
 
-    def get_images(self, idx: torch.Tensor) -> torch.Tensor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="googlenet-decode")
+    def load_batch(
+        self, idx: torch.Tensor, threads: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(uint8 images of the readable files among idx, bool mask over idx of those, one
+        message per unreadable file). threads: decode on this process's thread pool (False in
+        worker processes, which are the parallelism there)."""
         files = [self.paths[i] for i in idx.tolist()]
         out = torch.empty(len(files), 3, self.size, self.size, dtype=torch.uint8)
+        errors: list[str | None] = [None] * len(files)
 
         def decode(j: int) -> None:
-            out[j] = read_image_resized(files[j], self.size)
+            try:
+                out[j] = read_image_resized(files[j], self.size)
+            except UserError as e:
+                errors[j] = str(e)
 
-        list(self._pool.map(decode, range(len(files))))
-        return out
+        if threads and len(files) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="googlenet-decode")
+            list(self._pool.map(decode, range(len(files))))
+        else:
+            for j in range(len(files)):
+                decode(j)
+        ok = torch.tensor([e is None for e in errors], dtype=torch.bool)
+        return out[ok] if not ok.all() else out, ok, [e for e in errors if e is not None]
+
+    def note_bad(self, idx: torch.Tensor, errors: Sequence[str]) -> None:
+        """Record unreadable files (warned once each); UserError past max_bad of the set."""
+        for i, err in zip(idx.tolist(), errors, strict=True):
+            if i not in self.bad:
+                self.bad[i] = err
+                warnings.warn(f"skipping {err}", stacklevel=2)
+        if len(self.bad) > self.max_bad * len(self):
+            where = self.root or (self.paths[0].parent.parent if self.paths else "image folder")
+            raise UserError(
+                f"{where}: {len(self.bad)} of {len(self)} images are unreadable (more than "
+                f"{self.max_bad:.0%}), e.g. {next(iter(self.bad.values()))}"
+            )
+
+    def get_images(self, idx: torch.Tensor) -> torch.Tensor:
+        """Every image at idx; UserError naming the first unreadable one."""
+        images, _, errors = self.load_batch(idx)
+        if errors:
+            raise UserError(errors[0])
+        return images
 
     def materialize(self) -> ArrayDataset:
-        """Everything decoded into memory (uint8 at the working size)."""
-        return ArrayDataset(self.get_images(torch.arange(len(self))), self.labels, self.classes)
+        """Every readable image decoded into memory (uint8 at the working size)."""
+        idx = torch.arange(len(self))
+        images, ok, errors = self.load_batch(idx)
+        self.note_bad(idx[~ok], errors)
+        if not ok.any():
+            raise UserError(f"{self.root or 'image folder'}: no readable images")
+        return ArrayDataset(images, self.labels[ok], self.classes)
 
 
 def load_image_folder(
@@ -439,75 +499,42 @@ def load_image_folder(
     split: str = "all",
     val_fraction: float = 0.1,
     seed: int = 0,
-    skip_bad: bool = False,
+    max_bad: float = MAX_BAD,
     in_memory: bool = False,
     workers: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ImageFolderDataset | ArrayDataset:
     """A folder with one sub-folder per class (any image format Pillow reads, any size).
 
-    Every file is decoded once up front (thread pool) so that a corrupt or non-image file is
-    reported by its path: UserError by default, skipped with a warning when skip_bad. `split`
-    "train"/"val" takes a per-class seeded split of `val_fraction` for validation ("all" = no
-    split). Images are resized (shorter side) and centre-cropped to size x size; in_memory keeps
-    them decoded in RAM (an ArrayDataset), otherwise batches stream from disk.
+    Nothing is decoded here: the folder is only listed (listing.py; with `cache_dir` the listing
+    is cached there, so a restart does not walk the tree again). Unreadable files are found when
+    read, skipped with a warning naming them and counted; more than `max_bad` of them stops with
+    a UserError. `split` "train"/"val" takes a per-class seeded split of `val_fraction` for
+    validation ("all" = no split). Images are resized (shorter side) and centre-cropped to
+    size x size; in_memory decodes them all now into RAM (an ArrayDataset), otherwise batches
+    stream from disk.
     """
+    from googlenet.listing import list_folder
+
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: image folder not found")
     if split not in ("all", "train", "val"):
         raise UserError(f"split must be 'all', 'train' or 'val', got {split!r}")
     if split != "all" and not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if size < 1:
         raise UserError(f"size must be >= 1, got {size}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{root}: no class sub-folders (expected one folder per class)")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for k, c in enumerate(classes):
-        files = sorted(
-            p
-            for p in (root / c).rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        paths += files
-        labels += [k] * len(files)
-    labels_t = torch.tensor(labels, dtype=torch.int64)
+    if not 0 <= max_bad < 1:
+        raise UserError(f"max_bad must be in [0, 1), got {max_bad}")
+    listing = list_folder(root, cache_dir)
+    paths = listing.paths()
+    labels_t = torch.tensor(listing.labels, dtype=torch.int64)
     if split != "all":
         keep = _split_indices(labels_t, val_fraction, seed, split == "val")
         paths, labels_t = [paths[i] for i in keep.tolist()], labels_t[keep]
-
-    workers = workers or _default_workers()
-    ok = torch.ones(len(paths), dtype=torch.bool)
-    decoded: list[torch.Tensor | None] = [None] * len(paths)
-
-    def check(i: int) -> str | None:
-        try:
-            img = read_image_resized(paths[i], size)
-        except UserError as e:
-            return str(e)
-        if in_memory:
-            decoded[i] = img
-        return None
-
-    with ThreadPoolExecutor(workers) as pool:
-        errors = list(pool.map(check, range(len(paths))))
-    for i, err in enumerate(errors):
-        if err is None:
-            continue
-        if not skip_bad:
-            raise UserError(f"{err} (pass skip_bad / --skip-bad to skip such files)")
-        warnings.warn(f"skipping {err}", stacklevel=2)
-        ok[i] = False
-    paths = [p for p, good in zip(paths, ok.tolist(), strict=True) if good]
-    labels_t = labels_t[ok]
     if not paths:
-        raise UserError(f"{root}: no readable images")
-    if in_memory:
-        images = torch.stack([d for d in decoded if d is not None])
-        return ArrayDataset(images, labels_t, classes)
-    return ImageFolderDataset(paths, labels_t, classes, size, workers)
+        raise UserError(f"{root}: no image files in the class sub-folders")
+    ds = ImageFolderDataset(paths, labels_t, listing.classes, size, workers, max_bad, root)
+    return ds.materialize() if in_memory else ds
 
 
 def _split_indices(labels: torch.Tensor, fraction: float, seed: int, val: bool) -> torch.Tensor:

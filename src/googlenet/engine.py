@@ -14,6 +14,7 @@ each epoch, so `--resume` from `last` reproduces an uninterrupted run exactly on
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -127,9 +128,13 @@ def _reseed(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**63))
 
 
-def _load_data(cfg: TrainConfig, data_root: str | Path | None) -> tuple[Any, Any]:
+def _load_data(cfg: TrainConfig, data_root: str | Path | None, out: Path) -> tuple[Any, Any]:
     from googlenet import datasets
 
+    if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
+        from googlenet.shards import load_shards
+
+        return load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
     root = datasets.resolve_data_root(data_root or cfg.data_root or None)
     if cfg.dataset in ("cifar10", "cifar100"):
         return (
@@ -142,7 +147,30 @@ def _load_data(cfg: TrainConfig, data_root: str | Path | None) -> tuple[Any, Any
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
-    return datasets.load_image_folder(root / "train"), datasets.load_image_folder(val_dir)
+    # Listed, not decoded; the listing is cached in the run folder for a restart.
+    size = _resize(cfg)
+    return (
+        datasets.load_image_folder(root / "train", size=size, cache_dir=out),
+        datasets.load_image_folder(val_dir, size=size, cache_dir=out),
+    )
+
+
+def _resize(cfg: TrainConfig) -> int:
+    """Folder/shard images are decoded to this square: `resize`, else 8/7 of the input."""
+    from googlenet.model import get_spec
+
+    return cfg.resize or round((cfg.input_size or get_spec(cfg.variant).input_size) * 8 / 7)
+
+
+def loader_workers(cfg: TrainConfig) -> int:
+    """Decoding processes per rank: `loader_workers`, or (-1) this rank's share of the CPU
+    cores less one for the training process, between 1 and 16."""
+    if cfg.loader_workers >= 0:
+        return cfg.loader_workers
+    import os
+
+    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, per_rank - 1))
 
 
 def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -267,7 +295,7 @@ def _setup(
 ) -> _Run:
     """Data, model, optimizer, loaders and the run folder (restored from `last` on resume)."""
     from googlenet.augment import Augment
-    from googlenet.datasets import norm_stats
+    from googlenet.datasets import ArrayDataset, norm_stats
     from googlenet.logs import RunLog
     from googlenet.model import build
 
@@ -283,7 +311,7 @@ def _setup(
             f"config key 'batch_size': {cfg.batch_size} does not split over {d.world_size} ranks"
         )
     if train_set is None or val_set is None:
-        loaded = _load_data(cfg, data_root)
+        loaded = _load_data(cfg, data_root, out)
         train_set = train_set if train_set is not None else loaded[0]
         val_set = val_set if val_set is not None else loaded[1]
     if cfg.limit_train:
@@ -309,6 +337,10 @@ def _setup(
     raw.check_input(torch.empty(0, 3, size, size))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=fmt)
+    if cfg.sync_bn and d.enabled:  # BN statistics over the global batch (same parameters)
+        if device.type != "cuda":
+            raise UserError("config key 'sync_bn': SyncBatchNorm needs CUDA GPUs (NCCL)")
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     dtype = pick_dtype(cfg.precision, device)
     opt = make_optimizer(cfg, raw)
     avg = WeightAverage(raw, cfg.ema_decay, cfg.polyak) if cfg.ema or cfg.polyak else None
@@ -323,16 +355,33 @@ def _setup(
     )
     loader_kw = dict(input_size=size, mean=mean, std=std, device=device)
     loader_kw.update(rank=d.rank, world_size=d.world_size, channels_last=cfg.channels_last)
-    train_loader = BatchLoader(
+    streamed = not isinstance(train_set, ArrayDataset)  # decoded from files while training
+    if streamed:
+        loader_kw["workers"] = loader_workers(cfg)
+        if _resize(cfg) < size:
+            raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
+    if cfg.dataset == "shards" and not isinstance(train_set, ArrayDataset):
+        from googlenet.shards import ShardLoader
+
+        loader_cls: Any = functools.partial(ShardLoader, size=_resize(cfg))
+    else:
+        loader_cls = BatchLoader
+    train_loader = loader_cls(
         train_set, per_rank, augment=augment, shuffle=True, drop_last=True, seed=cfg.seed,
         **loader_kw,
     )  # fmt: skip
-    val_loader = BatchLoader(val_set, per_rank, **loader_kw)
+    val_loader = loader_cls(val_set, per_rank, **loader_kw)
 
     meta_base = {
         "model": args,
         "classes": classes,
-        "preprocess": {"input_size": size, "mean": list(mean), "std": list(std), "resize": None},
+        # streamed images were resized (shorter side) to _resize before the centre crop
+        "preprocess": {
+            "input_size": size,
+            "mean": list(mean),
+            "std": list(std),
+            "resize": _resize(cfg) if streamed else None,
+        },
         "dataset": cfg.dataset,
         "config": cfg.to_dict(),
     }

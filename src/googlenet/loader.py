@@ -9,7 +9,7 @@ copy of a dataset never exists. Order and augmentation come from a torch.Generat
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +55,7 @@ class BatchLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         channels_last: bool = False,
+        workers: int = 0,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -73,6 +74,9 @@ class BatchLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.channels_last = channels_last
+        # Processes decoding batches ahead of the training step, for data sets that decode
+        # files (they have load_batch); 0: decode in this process when the batch is needed.
+        self.workers = workers
         self.epoch = 0
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -104,10 +108,36 @@ class BatchLoader:
         idx = self.indices()
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
         labels = self.dataset.labels
-        for i in range(len(self)):
-            b = idx[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self.dataset.get_images(b)
+        batches = [idx[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        for b, (images, ok, errors) in zip(batches, self._fetch(batches), strict=True):
+            if errors:  # unreadable files: dropped from the batch, counted by the data set
+                self.dataset.note_bad(b[~ok], errors)  # type: ignore[attr-defined]
+                b = b[ok]
+                if not len(b):
+                    continue
             yield self.transform(images, g), labels[b].to(self.device)
+
+    def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, Any, list]]:
+        """(uint8 images, readable mask, errors) per batch, in order; decoded in `workers`
+        processes ahead of use when the data set decodes files, else read here."""
+        ds = self.dataset
+        if not hasattr(ds, "load_batch"):  # in memory: nothing can fail, nothing to overlap
+            for b in batches:
+                yield ds.get_images(b), None, []
+            return
+        if self.workers <= 0 or len(batches) <= 1:
+            for b in batches:
+                yield ds.load_batch(b)
+            return
+        from torch.utils.data import DataLoader
+
+        yield from DataLoader(
+            _BatchDecode(ds, batches),
+            batch_size=None,  # each item is already a batch
+            num_workers=min(self.workers, len(batches)),
+            prefetch_factor=2,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def transform(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """uint8 B x 3 x H x W -> augmented, resized, normalised float32 B x 3 x S x S.
@@ -164,3 +194,17 @@ class BatchLoader:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+class _BatchDecode(torch.utils.data.Dataset):
+    """Batch i of an epoch decoded by data set's load_batch, in a DataLoader worker process
+    (one thread each: the workers are the parallelism)."""
+
+    def __init__(self, dataset: Any, batches: list[torch.Tensor]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return self.dataset.load_batch(self.batches[i], threads=False)

@@ -7,6 +7,7 @@ normalises with.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +53,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 
 
-def _open_rgb(path: Path, draft: int | None = None) -> Image.Image:
-    """Decoded, EXIF-upright RGB image; UserError naming the file when it cannot be read."""
+def _open_rgb(path: Path | bytes, draft: int | None = None, name: str | None = None) -> Image.Image:
+    """Decoded, EXIF-upright RGB image from a file or its bytes; UserError naming the file
+    (or `name`) when it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))  # DCT-domain downscale: much faster decoding
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except _DECODE_ERRORS as e:
-        raise UserError(f"{path}: not a readable image ({e})") from e
+        raise UserError(f"{name or path}: not a readable image ({e})") from e
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -78,10 +80,12 @@ def read_image(path: str | Path) -> torch.Tensor:
     return _pil_to_tensor(_open_rgb(path))
 
 
-def read_image_resized(path: str | Path, size: int) -> torch.Tensor:
-    """An image file resized so its shorter side is `size`, centre-cropped to size x size."""
-    path = Path(path)
-    im = _open_rgb(path, draft=size)
+def read_image_resized(
+    path: str | Path | bytes, size: int, name: str | None = None
+) -> torch.Tensor:
+    """An image file (or its bytes, called `name` in errors) resized so its shorter side is
+    `size`, centre-cropped to size x size."""
+    im = _open_rgb(path if isinstance(path, bytes) else Path(path), draft=size, name=name)
     w, h = im.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
