@@ -17,12 +17,13 @@ Per image, on one core (torch and the decoder single-threaded):
            to --work-size (the function the folder and shard data sets call)
   batch    the batch transform on those uint8 images: the paper's augmentation (scale/aspect
            crop, flip, photometric) resized to --input-size and normalised
-  total    load + batch, i.e. images/s one core delivers ready for the GPU
 Then the same load step on --procs processes at once (default: all cores) for the scaling, and
 on as many threads in one process (Pillow releases the GIL while decoding and resizing).
-cores/GPU = GPU img/s / (load img/s per core), rounded up: on a GPU the training loader moves
-the uint8 batch to the GPU first and runs the batch step there. The figure with the batch step
-on the CPU (GPU img/s / total) is printed beside it.
+Every rate is given per wall second and [per CPU second]: the CPU-time rate is what one core
+delivers even when other jobs share the machine (the wall rate then shrinks, CPU time does not).
+cores/GPU = GPU img/s / (load img/s per CPU second), rounded up: on a GPU the training loader
+moves the uint8 batch to the GPU first and runs the batch step there. The figure with the batch
+step on the CPU as well is printed beside it.
 """
 
 from __future__ import annotations
@@ -71,35 +72,44 @@ def _decode(path: Path) -> None:
         im.convert("RGB").load()
 
 
-def _load_all(args: tuple[list[Path], int]) -> int:
+def _load_all(args: tuple[list[Path], int]) -> tuple[int, float]:
+    """Load every file; (count, CPU seconds this thread spent on it)."""
     files, size = args
     torch.set_num_threads(1)
+    c = time.thread_time()
     for f in files:
         read_image_resized(f, size)
-    return len(files)
+    return len(files), time.thread_time() - c
 
 
-def rate(fn, items: list, repeat: int = 2) -> float:
-    """Items per second of fn over all items (best of `repeat` passes)."""
-    best = math.inf
+def rate(fn, items: list, repeat: int = 2) -> tuple[float, float]:
+    """(items per wall second, items per CPU second of this process) of fn over all items,
+    best of `repeat` passes. CPU time is what a core costs even when other jobs share it."""
+    wall = cpu = math.inf
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for it in items:
             fn(it)
-        best = min(best, time.perf_counter() - t)
-    return len(items) / best
+        wall = min(wall, time.perf_counter() - t)
+        cpu = min(cpu, time.process_time() - c)
+    return len(items) / wall, len(items) / cpu
 
 
-def parallel_rate(files: list[Path], size: int, procs: int, threads: bool = False) -> float:
-    """Images/s of the load step over `procs` processes or threads (each a share of the files)."""
+def parallel_rate(
+    files: list[Path], size: int, procs: int, threads: bool = False
+) -> tuple[float, float]:
+    """(images per wall second, per CPU second) of the load step over `procs` processes or
+    threads, each taking a share of the files (CPU time as each worker thread counts it)."""
     work = files * max(1, (procs * 40) // len(files) + 1)
     chunks = [(work[i::procs], size) for i in range(procs)]
     executor = ThreadPoolExecutor if threads else ProcessPoolExecutor
     with executor(procs) as pool:
         list(pool.map(_load_all, [(files[:2], size)] * procs))  # start and import everywhere
         t = time.perf_counter()
-        n = sum(pool.map(_load_all, chunks))
-    return n / (time.perf_counter() - t)
+        done = list(pool.map(_load_all, chunks))
+        wall = time.perf_counter() - t
+    n = sum(k for k, _ in done)
+    return n / wall, n / sum(c for _, c in done)
 
 
 def main() -> None:
@@ -133,11 +143,18 @@ def main() -> None:
     batch = torch.randint(0, 256, (args.batch_size, 3, args.work_size, args.work_size),
                           dtype=torch.uint8, generator=g)  # fmt: skip
     loader.transform(batch, g)  # warm-up
-    batch_rate = rate(lambda b: loader.transform(b, g), [batch] * 8) * args.batch_size
+    batch_wall, batch_cpu = (
+        r * args.batch_size for r in rate(lambda b: loader.transform(b, g), [batch] * 8)
+    )
     print(
-        f"stored      KB   decode/s   load/s  batch/s  total/s/core  "
-        f"{args.procs}-proc load/s (/core)  {args.procs}-thread load/s  "
-        f"cores per GPU at {args.gpu_img_s:.0f} img/s"
+        f"rates in images/s: per wall second, [per CPU second]; batch step: "
+        f"{batch_wall:.0f} [{batch_cpu:.0f}] img/s on one core (scale_aspect+flip+photometric "
+        f"{args.work_size} -> {args.input_size}, batch {args.batch_size})"
+    )
+    print(
+        "stored     KB  decode        load (1 core)  "
+        f"{args.procs} procs load      {args.procs} threads load    "
+        f"cores/GPU at {args.gpu_img_s:.0f} img/s (batch step on the CPU too)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.sizes.split(","):
@@ -154,15 +171,17 @@ def main() -> None:
                 dims = f"{im0.width}x{im0.height}"
             dec = rate(_decode, files)
             load = rate(lambda f: read_image_resized(f, args.work_size), files)
-            total = 1 / (1 / load + 1 / batch_rate)
-            par = parallel_rate(files, args.work_size, args.procs) if args.procs > 1 else load
+            par = parallel_rate(files, args.work_size, args.procs)
             thr = parallel_rate(files, args.work_size, args.procs, threads=True)
-            need_gpu = math.ceil(args.gpu_img_s / load)
-            need_cpu = math.ceil(args.gpu_img_s / total)
+            per_core = load[1]  # CPU-time rate: unaffected by other jobs' share of the cores
+            need_gpu = math.ceil(args.gpu_img_s / per_core)
+            need_cpu = math.ceil(args.gpu_img_s * (1 / per_core + 1 / batch_cpu))
             print(
-                f"{dims:>9} {total_bytes / len(files) / 1000:5.0f} {dec:10.0f} {load:8.0f} "
-                f"{batch_rate:8.0f} {total:13.0f}  {par:10.0f} ({par / args.procs:5.0f})"
-                f"  {thr:16.0f}  {need_gpu} ({need_cpu} with the batch step on the CPU)"
+                f"{dims:>9} {total_bytes / len(files) / 1000:4.0f} "
+                f"{dec[0]:5.0f} [{dec[1]:4.0f}]  {load[0]:5.0f} [{load[1]:4.0f}]  "
+                f"{par[0]:7.0f} [{par[1]:4.0f}]  {thr[0]:7.0f} [{thr[1]:4.0f}]    "
+                f"{need_gpu} ({need_cpu})",
+                flush=True,
             )
 
 
