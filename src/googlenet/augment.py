@@ -19,6 +19,7 @@ class Augment:
 
     crop_padding: int = 0  # random crop of the source size after padding each side by this much
     flip: bool = False  # random horizontal flip
+    alternate_flip: bool = False  # with flip: each image flipped on alternate epochs (random phase)
     cutout: int = 0  # side of a random square set to the mean (0 = off), in source pixels
     scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect 3/4-4/3, resized
     photometric: bool = False  # brightness/contrast/saturation jitter + AlexNet PCA lighting

@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "tta": ("none", "flip", "flip_shift"),
 }
 
 # Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
@@ -74,6 +75,17 @@ class TrainConfig:
     gamma: float = 0.96  # step: the factor applied every step_epochs epochs
     label_smoothing: float = 0.1  # cross-entropy label smoothing for every head
     clip_grad: float = 0.0  # clip the gradient norm to this (0: off)
+    warmup_min_steps: int = (
+        100  # onecycle/cosine: never climb faster than lr/N per step (short runs)
+    )
+    # --- speed-run tricks (airbench-style; all off by default) ---
+    norm_bias_lr_scale: float = 1.0  # learning-rate multiplier for BatchNorm biases
+    freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (not the fine-tuning `freeze`)
+    bn_momentum: float = 0.1  # BatchNorm running-statistics momentum (torch's convention)
+    lookahead_every: int = 0  # every N steps pull the weights to a slow copy (0: off)
+    lookahead_decay: float = 0.77  # slow copy's decay at the end of the run, ramped as (t/T)^3
+    whiten_init: bool = False  # conv1 initialised from the whitening of training patches
+    alternate_flip: bool = False  # flip each image on alternate epochs instead of at random
     # --- weight averaging (the averaged weights are validated and exported) ---
     ema: bool = True  # exponential moving average of the weights
     ema_decay: float = 0.99  # EMA decay per step (ramped up over the first steps)
@@ -90,6 +102,8 @@ class TrainConfig:
     # --- run ---
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 1  # validate every N epochs (and always after the last)
+    holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
+    tta: str = "none"  # final validation's test-time augmentation: none | flip | flip_shift
     out: str = ""  # run folder; empty: runs/<recipe>
 
     def validate(self) -> TrainConfig:
@@ -120,6 +134,9 @@ class TrainConfig:
             "aux_weight",
             "workers",
             "resize",
+            "warmup_min_steps",
+            "lookahead_every",
+            "holdout",
         )
         for key in positive:
             if getattr(self, key) <= 0:
@@ -129,7 +146,14 @@ class TrainConfig:
                 raise UserError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"config key 'lr': must be a positive number, got {self.lr}")
-        for key in ("warmup", "label_smoothing", "ema_decay", "momentum"):
+        if not (math.isfinite(self.norm_bias_lr_scale) and self.norm_bias_lr_scale > 0):
+            raise UserError(
+                f"config key 'norm_bias_lr_scale': must be a positive number, "
+                f"got {self.norm_bias_lr_scale}"
+            )
+        if not 0 < self.bn_momentum <= 1:
+            raise UserError(f"config key 'bn_momentum': must be in (0, 1], got {self.bn_momentum}")
+        for key in ("warmup", "label_smoothing", "ema_decay", "momentum", "lookahead_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be in [0, 1), got {getattr(self, key)}")
         if self.loader_workers < -1:

@@ -41,7 +41,15 @@ from googlenet.distributed import Dist, all_reduce, broadcast_buffers, init_dist
 from googlenet.errors import UserError
 from googlenet.loader import BatchLoader
 from googlenet.metrics import HEAD_NAMES, Metrics
-from googlenet.optim import WeightAverage, lr_at, make_optimizer
+from googlenet.optim import (
+    Lookahead,
+    WeightAverage,
+    apply_norm_options,
+    lr_at,
+    make_optimizer,
+    set_lr,
+    whiten_conv1,
+)
 
 
 class TrainingDiverged(UserError):
@@ -187,6 +195,27 @@ def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return args
 
 
+def _hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
+    """(the rest, n held-out images): a seeded split of the training data, so settings can be
+    chosen without looking at the test set."""
+    if n >= len(train_set):
+        raise UserError(f"config key 'holdout': {n} is not less than {len(train_set)} images")
+    g = torch.Generator().manual_seed(seed + 1)
+    held = torch.randperm(len(train_set), generator=g)[:n]
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[held] = False
+    return train_set.subset(keep.nonzero().flatten()), train_set.subset(held)
+
+
+def _whiten(raw: nn.Module, train_set: Any, cfg: TrainConfig, size: int, mean, std) -> None:
+    """conv1 from the whitening of (at most 5,000) training images' patches, unaugmented."""
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    idx = torch.randperm(len(train_set), generator=g)[:5000]
+    loader = BatchLoader(train_set.subset(idx), len(idx), input_size=size, mean=mean, std=std)
+    x, _ = next(iter(loader))
+    whiten_conv1(raw, x)
+
+
 def _all_finite(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values())
 
@@ -213,6 +242,7 @@ class _Run:
     start_epoch: int = 0
     best_acc: float = -1.0
     best_epoch: int = 0
+    lookahead: Lookahead | None = None
 
     @property
     def judged(self) -> nn.Module:
@@ -314,6 +344,8 @@ def _setup(
         loaded = _load_data(cfg, data_root, out)
         train_set = train_set if train_set is not None else loaded[0]
         val_set = val_set if val_set is not None else loaded[1]
+    if cfg.holdout:
+        train_set, val_set = _hold_out(train_set, cfg.holdout, cfg.seed)
     if cfg.limit_train:
         train_set = train_set.subset(cfg.limit_train)
     if cfg.limit_val:
@@ -335,6 +367,9 @@ def _setup(
     size = cfg.input_size or raw.spec.input_size
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
+    apply_norm_options(cfg, raw)
+    if cfg.whiten_init:
+        _whiten(raw, train_set, cfg, size, mean, std)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=fmt)
     if cfg.sync_bn and d.enabled:  # BN statistics over the global batch (same parameters)
@@ -352,6 +387,7 @@ def _setup(
         cutout=cfg.cutout,
         scale_aspect=cfg.scale_aspect,
         photometric=cfg.photometric,
+        alternate_flip=cfg.alternate_flip,
     )
     loader_kw = dict(input_size=size, mean=mean, std=std, device=device)
     loader_kw.update(rank=d.rank, world_size=d.world_size, channels_last=cfg.channels_last)
@@ -388,6 +424,9 @@ def _setup(
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
+    if cfg.lookahead_every:
+        total = cfg.epochs * len(train_loader)
+        run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
     if resume:
         run.start_epoch, run.best_acc, run.best_epoch = _restore(run)
     if d.main:
@@ -430,9 +469,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     bar = _bar(steps_per_epoch, epoch, cfg.epochs, enabled=d.main and run.progress)
     for i, (x, y) in enumerate(run.train_loader):
-        lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
-        for g in run.opt.param_groups:
-            g["lr"] = lr
+        step = epoch * steps_per_epoch + i
+        lr = lr_at(cfg, step, steps_per_epoch)
+        set_lr(run.opt, lr)
         with autocast(device, run.dtype):
             outs = _outputs(run.net(x))
         losses = _losses(outs, y, cfg.label_smoothing)
@@ -450,6 +489,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.clip_grad)
         run.scaler.step(run.opt)
         run.scaler.update()
+        if run.lookahead is not None:
+            run.lookahead.step(run.raw, step)
         if run.avg is not None:
             run.avg.update(run.raw)
         meter.update(outs, y, losses)
@@ -547,6 +588,8 @@ def _state_groups(run: _Run, meta: dict[str, Any]) -> dict[str, dict[str, Tensor
         rng["cuda"] = torch.cuda.get_rng_state()
     groups = {"model": raw.state_dict(), "optim": optim_tensors, "rng": rng}
     meta["optim"] = optim_rest
+    if run.lookahead is not None:
+        groups["lookahead"] = run.lookahead.state_tensors()
     if avg is not None:
         groups["ema"] = avg.module.state_dict()
         meta["average"] = {"updates": avg.updates, "polyak": avg.polyak}
@@ -578,6 +621,10 @@ def _restore(run: _Run) -> tuple[int, float, int]:
     if "optim" not in groups and "optim" not in meta:
         raise UserError(f"{path}: checkpoint has no optimizer state to resume from")
     optimizer_state_from_tensors(opt, groups.get("optim", {}), meta["optim"])
+    if run.lookahead is not None:
+        if "lookahead" not in groups:
+            raise UserError(f"{path}: checkpoint has no lookahead state but this config has")
+        run.lookahead.load_state_tensors(groups["lookahead"])
     if avg is not None:
         if "ema" not in groups:
             raise UserError(f"{path}: checkpoint has no averaged weights but this config has")

@@ -108,6 +108,12 @@ class BatchLoader:
         idx = self.indices()
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
         labels = self.dataset.labels
+        phase = None
+        if self.augment is not None and self.augment.flip and self.augment.alternate_flip:
+            # airbench's deterministic flips: a random phase per image, then every other epoch,
+            # so over two epochs each image is seen both ways.
+            pg = torch.Generator().manual_seed(mix_seed(self.seed, 2))
+            phase = torch.rand(len(self.dataset), generator=pg) < 0.5
         batches = [idx[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
         for b, (images, ok, errors) in zip(batches, self._fetch(batches), strict=True):
             if errors:  # unreadable files: dropped from the batch, counted by the data set
@@ -115,7 +121,8 @@ class BatchLoader:
                 b = b[ok]
                 if not len(b):
                     continue
-            yield self.transform(images, g), labels[b].to(self.device)
+            flip = None if phase is None else phase[b] ^ bool(self.epoch % 2)
+            yield self.transform(images, g, flip), labels[b].to(self.device)
 
     def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, Any, list]]:
         """(uint8 images, readable mask, errors) per batch, in order; decoded in `workers`
@@ -139,7 +146,9 @@ class BatchLoader:
             pin_memory=self.device.type == "cuda",
         )
 
-    def transform(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def transform(
+        self, images: torch.Tensor, g: torch.Generator, flip: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """uint8 B x 3 x H x W -> augmented, resized, normalised float32 B x 3 x S x S.
 
         Pixel-wise work (photometric, normalisation, cutout) runs at the source resolution and
@@ -149,7 +158,8 @@ class BatchLoader:
         x = images.to(self.device, non_blocking=True)
         b, _, h, w = x.shape
         size = self.input_size
-        flip = torch.rand(b, generator=g) < 0.5 if aug is not None and aug.flip else None
+        if flip is None and aug is not None and aug.flip:
+            flip = torch.rand(b, generator=g) < 0.5
         box = None
         if aug is not None and aug.scale_aspect:
             box = scale_aspect_boxes(b, h, w, aug.min_area, g)

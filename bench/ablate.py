@@ -1,0 +1,90 @@
+"""Rank recipe ideas by accuracy on a held-out slice of the CIFAR-10 training set (never the
+test set): a baseline recipe, each option alone, then the options that helped combined, at a
+few epoch budgets. Prints a markdown table; every run's row is appended to --log as JSON.
+
+    python bench/ablate.py --data ../shared/datasets [--recipe cifar10-fast] [--holdout 5000]
+        [--epochs 1] [--combine-epochs 1,2,4] [--only name,name]
+
+Accuracy per epoch budget does not depend on the machine's speed (a GPU ranks ideas in
+seconds); minutes on the 2-core CPU follow from its images/s (bench/train_step.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from googlenet.config import resolve_config
+from googlenet.datasets import load_cifar, resolve_data_root
+from googlenet.engine import train
+
+# Each idea: a name and its --set overrides on top of the recipe.
+IDEAS: dict[str, list[str]] = {
+    "label_smoothing=0.2": ["label_smoothing=0.2"],
+    "alternate_flip": ["alternate_flip=true"],
+    "whiten_init": ["whiten_init=true"],
+    "norm_bias_lr_scale=8": ["norm_bias_lr_scale=8.0"],
+    "freeze_bn_scale": ["freeze_bn_scale=true"],
+    "lookahead_every=5": ["lookahead_every=5"],
+    "lookahead_every=5+bn_momentum=0.4": ["lookahead_every=5", "bn_momentum=0.4"],
+    "bn_momentum=0.4": ["bn_momentum=0.4"],
+    "no aux heads": ["aux_logits=false"],
+    "no ema": ["ema=false"],
+    "lr=0.8": ["lr=0.8"],
+    "batch=512,lr=0.8": ["batch_size=512", "lr=0.8"],
+    "warmup=0.1": ["warmup=0.1"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None)
+    p.add_argument("--recipe", default="cifar10-fast")
+    p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument("--epochs", type=int, default=1, help="budget for single ideas")
+    p.add_argument("--combine-epochs", default="1,2,4")
+    p.add_argument("--only", default="", help="comma-separated idea names (default: all)")
+    p.add_argument("--margin", type=float, default=0.3, help="points over baseline to keep")
+    p.add_argument("--log", default="ablate.jsonl")
+    p.add_argument("--set", dest="extra", action="append", default=[])
+    a = p.parse_args()
+    root = resolve_data_root(a.data)
+    train_set = load_cifar(root, "cifar10", "train")
+    rows: list[dict] = []
+
+    def one(name: str, sets: list[str], epochs: int) -> float:
+        over = [f"holdout={a.holdout}", f"epochs={epochs}", "out=/tmp/googlenet-ablate", *a.extra]
+        cfg = resolve_config(a.recipe, None, [*over, *sets])
+        t0 = time.perf_counter()
+        res = train(cfg, train_set=train_set, val_set=train_set, progress=False)
+        accs = [r["val_acc"] for r in res.history]
+        row = {"name": name, "sets": sets, "epochs": epochs, "val_acc": accs,
+               "images_per_s": res.history[-1]["images_per_s"],
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        rows.append(row)
+        with open(a.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"| {name} | {epochs} | {' / '.join(f'{x:.2f}' for x in accs)} | "
+              f"{row['images_per_s']:.0f} | {row['seconds']} |", flush=True)  # fmt: skip
+        return accs[-1]
+
+    print("| idea | epochs | holdout top-1 by epoch (%) | img/s | s |\n|---|---:|---|---:|---:|")
+    only = [x for x in a.only.split(",") if x]
+    ideas = {k: v for k, v in IDEAS.items() if not only or k in only}
+    base = one("baseline", [], a.epochs)
+    kept = [k for k, v in ideas.items() if one(k, v, a.epochs) > base + a.margin]
+    print(f"\nkept (> baseline {base:.2f} + {a.margin}): {kept}\n")
+    combo = [s for k in kept for s in ideas[k] if not k.startswith(("lr=", "batch="))]
+    # at most one lr/batch choice: the best of those kept
+    lr_rows = [r for r in rows if r["name"] in kept and r["name"].startswith(("lr=", "batch="))]
+    if lr_rows:
+        combo += max(lr_rows, key=lambda r: r["val_acc"][-1])["sets"]
+    combo = list(dict.fromkeys(combo))  # keep order, drop repeats
+    for e in [int(x) for x in a.combine_epochs.split(",") if x]:
+        one("baseline", [], e) if e != a.epochs else None
+        one("combined: " + ", ".join(combo), combo, e)
+
+
+if __name__ == "__main__":
+    main()

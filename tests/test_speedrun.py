@@ -1,0 +1,173 @@
+"""The speed-run options (issue 11): each one validated, effective, and working end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from googlenet.augment import Augment
+from googlenet.checkpoint import load_checkpoint
+from googlenet.config import resolve_config
+from googlenet.engine import train
+from googlenet.errors import UserError
+from googlenet.loader import BatchLoader
+from googlenet.model import build
+from googlenet.optim import Lookahead, lr_at, whiten_conv1
+from tests.conftest import synth
+
+
+def tiny(tmp_path, *extra: str):
+    base = [
+        f"out={tmp_path / 'run'}",
+        "input_size=16",
+        "batch_size=8",
+        "lr=0.03",
+        "precision=fp32",
+        "channels_last=false",
+        "epochs=2",
+        "warmup_min_steps=0",
+    ]
+    return resolve_config(overrides=[*base, *extra])
+
+
+def run(tmp_path, *extra: str):
+    cfg = tiny(tmp_path, *extra)
+    return cfg, train(cfg, train_set=synth(48, 0), val_set=synth(16, 1), progress=False)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "bn_momentum=0.0",
+        "bn_momentum=1.5",
+        "norm_bias_lr_scale=0.0",
+        "norm_bias_lr_scale=-2.0",
+        "lookahead_decay=1.0",
+        "lookahead_every=-1",
+        "holdout=-5",
+        "warmup_min_steps=-1",
+        "tta='mirror'",
+    ],
+)
+def test_out_of_range_values_name_the_key(tmp_path, bad):
+    with pytest.raises(UserError, match=bad.split("=")[0]):
+        tiny(tmp_path, bad).validate()
+
+
+def test_short_runs_warm_up_over_at_least_warmup_min_steps():
+    cfg = resolve_config(overrides=["epochs=1", "lr=0.4", "warmup=0.2", "warmup_min_steps=100"])
+    lrs = [lr_at(cfg, s, 8) for s in range(8)]  # an 8-step run: the peak is never reached
+    assert all(0 <= lr <= 0.4 * (s + 1) / 100 + 1e-12 for s, lr in enumerate(lrs))
+    assert lrs[0] == pytest.approx(0.004) and lrs[-1] == 0.0  # still decays to 0
+    # A long run is unaffected: warm-up (20% of 600 steps) is longer than 100 steps.
+    long = resolve_config(overrides=["epochs=3", "lr=0.4", "warmup=0.2", "warmup_min_steps=100"])
+    free = resolve_config(overrides=["epochs=3", "lr=0.4", "warmup=0.2", "warmup_min_steps=0"])
+    assert [lr_at(long, s, 200) for s in range(600)] == [lr_at(free, s, 200) for s in range(600)]
+
+
+def test_frozen_bn_scales_stay_one_and_bn_momentum_is_set(tmp_path):
+    _, res = run(tmp_path, "freeze_bn_scale=true", "bn_momentum=0.4", "ema=false")
+    norms = [m for m in res.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(m.momentum == 0.4 for m in norms)
+    # the shifts did train
+    assert any(m.bias.abs().max() > 0 for m in norms)
+
+
+def test_norm_bias_group_gets_scaled_lr(tmp_path):
+    cfg = tiny(tmp_path, "norm_bias_lr_scale=64")
+    from googlenet.optim import make_optimizer, set_lr
+
+    model = build("cifar", num_classes=4)
+    opt = make_optimizer(cfg, model)
+    set_lr(opt, 0.01)
+    scaled = [g for g in opt.param_groups if g.get("lr_scale") == 64]
+    assert len(scaled) == 1 and scaled[0]["lr"] == pytest.approx(0.64)
+    n_bias = sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert len(scaled[0]["params"]) == n_bias
+    assert all(g["lr"] == pytest.approx(0.01) for g in opt.param_groups if g not in scaled)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # and it trains end to end
+    _, res = run(tmp_path / "e2e", "norm_bias_lr_scale=64", "lr=0.01")
+    assert res.metrics["val_acc"] >= 0 and torch.isfinite(torch.tensor(res.metrics["val_loss"]))
+
+
+def test_lookahead_pulls_to_the_slow_copy_and_ends_on_it():
+    net = nn.Linear(3, 1)
+    la = Lookahead(net, every=2, decay=0.5, total_steps=4)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    la.step(net, 0)  # not a sync step: unchanged
+    assert torch.equal(net.weight, start + 1)
+    la.step(net, 1)  # sync at t/T = 0.5: decay 0.5 * 0.125
+    d = 0.5 * 0.5**3
+    assert torch.allclose(net.weight, start + (1 - d))
+    assert torch.equal(la.slow["weight"], net.weight.detach())
+
+
+def test_lookahead_runs_end_to_end_and_is_checkpointed(tmp_path):
+    _, res = run(tmp_path, "lookahead_every=2", "ema=false")
+    groups, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert "lookahead" in groups
+    # the last step synchronises: the model holds the slow weights
+    slow, model = groups["lookahead"], groups["model"]
+    floats = {k for k, v in model.items() if v.dtype.is_floating_point}
+    assert slow.keys() == floats
+    assert all(torch.equal(slow[k], model[k]) for k in floats)
+    assert res.metrics["val_acc"] >= 0
+
+
+def test_whitening_makes_conv1_responses_decorrelated():
+    g = torch.Generator().manual_seed(0)
+    # correlated channels: a shared component plus noise
+    base = torch.randn(64, 1, 12, 12, generator=g)
+    x = torch.cat([base + 0.3 * torch.randn(64, 1, 12, 12, generator=g) for _ in range(3)], 1)
+    model = build("cifar", num_classes=4)
+    n = whiten_conv1(model, x, eps=1e-6)
+    assert n == 54  # 27-dim 3x3x3 patches, + and - copies, 64 filters available
+    w = model.conv1.conv.weight[:27].reshape(27, -1)
+    patches = nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 27)
+    patches = patches - patches.mean(0)
+    resp = patches @ w.T
+    cov = resp.T @ resp / resp.shape[0]
+    assert torch.allclose(cov, torch.eye(27), atol=2e-2)
+    assert torch.equal(model.conv1.conv.weight[27:54], -model.conv1.conv.weight[:27])
+
+
+def test_whiten_init_trains_end_to_end(tmp_path):
+    _, res = run(tmp_path, "whiten_init=true")
+    assert torch.isfinite(torch.tensor(res.metrics["train_loss"]))
+
+
+def test_alternate_flip_flips_each_image_once_in_two_epochs():
+    data = synth(40, 0, side=8)
+    # make every image left-right asymmetric so a flip is visible
+    data.images[:, :, :, 0] = 0
+    data.images[:, :, :, -1] = 255
+    loader = BatchLoader(
+        data, 10, input_size=8, mean=(0, 0, 0), std=(1, 1, 1), seed=3, shuffle=True,
+        augment=Augment(flip=True, alternate_flip=True),
+    )  # fmt: skip
+    flipped = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen = {}
+        for (x, _), idx in zip(loader, loader.indices().split(10), strict=True):
+            for i, img in zip(idx.tolist(), x, strict=True):
+                seen[i] = bool(img[:, :, 0].mean() > img[:, :, -1].mean())
+        flipped.append(seen)
+    assert flipped[0].keys() == flipped[1].keys() == set(range(40))
+    assert all(flipped[0][i] != flipped[1][i] for i in range(40))
+    assert 5 < sum(flipped[0].values()) < 35  # a random phase, not all the same
+
+
+def test_holdout_validates_on_training_images(tmp_path):
+    cfg, res = run(tmp_path, "holdout=16")
+    # 48 - 16 = 32 training images -> 4 steps of 8 per epoch; 16 validation images
+    rows = res.history
+    assert rows[-1]["images_per_s"] > 0
+    with pytest.raises(UserError, match="holdout"):
+        train(tiny(tmp_path / "x", "holdout=48"), train_set=synth(48, 0), val_set=synth(8, 1),
+              progress=False)  # fmt: skip
