@@ -112,7 +112,7 @@ def test_step_schedule_matches_the_tutorial():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_warmup_then_decay_to_zero(schedule):
-    cfg = TrainConfig(epochs=10, lr=0.4, warmup=0.2, schedule=schedule)
+    cfg = TrainConfig(epochs=10, lr=0.4, warmup=0.2, schedule=schedule, warmup_min_steps=0)
     lrs = [lr_at(cfg, s, 10) for s in range(100)]
     peak = lrs.index(max(lrs))
     assert peak == 19 and max(lrs) == pytest.approx(0.4)

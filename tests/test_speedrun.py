@@ -164,10 +164,40 @@ def test_alternate_flip_flips_each_image_once_in_two_epochs():
 
 
 def test_holdout_validates_on_training_images(tmp_path):
-    cfg, res = run(tmp_path, "holdout=16")
-    # 48 - 16 = 32 training images -> 4 steps of 8 per epoch; 16 validation images
-    rows = res.history
-    assert rows[-1]["images_per_s"] > 0
+    from googlenet.engine import _hold_out
+
+    data = synth(48, 0)
+    rest, held = _hold_out(data, 16, seed=0)
+    assert len(rest) == 32 and len(held) == 16
+    both = torch.cat([rest.images, held.images]).flatten(1)
+    assert torch.unique(both, dim=0).shape[0] == 48  # disjoint, and together all of it
+    _, res = run(tmp_path, "holdout=16")
+    assert 0 <= res.metrics["val_acc"] <= 100
     with pytest.raises(UserError, match="holdout"):
         train(tiny(tmp_path / "x", "holdout=48"), train_set=synth(48, 0), val_set=synth(8, 1),
               progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["cifar", "bn"])
+def test_folded_batchnorm_equals_unfolded_eval(variant):
+    from googlenet.fuse import fold_batchnorm
+    from tests.conftest import calibrate
+
+    torch.manual_seed(0)
+    side = 32 if variant == "cifar" else 64
+    model = build(variant, num_classes=5, aux_logits=False)
+    for m in model.modules():  # non-trivial affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    calibrate(model, side)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
+    x = torch.randn(4, 3, side, side)
+    with torch.no_grad():
+        a, b = model.eval()(x), folded(x)
+    # evaluation equal: probabilities within 1e-5, logits to fp32 rounding of a deep network
+    assert (a.softmax(1) - b.softmax(1)).abs().max() <= 1e-5
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    assert torch.equal(a.argmax(1), b.argmax(1))

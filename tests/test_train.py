@@ -25,6 +25,7 @@ def tiny_cfg(tmp_path, *extra: str):
         "label_smoothing=0.0",
         "precision=fp32",
         "channels_last=false",
+        "warmup_min_steps=0",  # the tests' exact schedules, not the short-run guard
     ]
     return resolve_config(overrides=[*base, *extra])
 
