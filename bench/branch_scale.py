@@ -61,10 +61,10 @@ def main() -> None:
         usage = BranchUsage({}, {})
         correct = 0
         for i in range(0, len(x), 100):
-            xb = x[i : i + 100]
-            usage = usage.cat(branch_energy(model, xb))
-            with torch.no_grad():
-                correct += int((model(xb).argmax(1) == labels[i : i + 100]).sum())
+            part = branch_energy(model, x[i : i + 100])
+            assert part.outputs is not None
+            correct += int((part.outputs.argmax(1) == labels[i : i + 100]).sum())
+            usage = usage.cat(part)
         result[str(z)] = {
             "top1": 100 * correct / len(x),
             "mean": {b: s.tolist() for b, s in usage.mean_shares().items()},

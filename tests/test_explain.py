@@ -71,7 +71,10 @@ def test_branch_shares_exact_on_a_hand_built_block():
 def test_branch_shares_sum_to_one_on_googlenet():
     torch.manual_seed(0)
     model = build("cifar", num_classes=10, aux_logits=False).eval()
-    usage = E.branch_energy(model, torch.randn(3, 3, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    usage = E.branch_energy(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(usage.outputs, model(x))
     names = ["3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b"]
     assert list(usage.energy) == [f"inception{b}" for b in names]
     assert usage.widths["inception3a"] == (64, 128, 32, 32)

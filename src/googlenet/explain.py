@@ -92,6 +92,7 @@ class BranchUsage:
     energy: dict[str, Tensor]
     widths: dict[str, tuple[int, ...]]
     sources: list[str] = field(default_factory=list)
+    outputs: Tensor | None = None  # the model's output (logits) for these images
 
     def __len__(self) -> int:
         return next(iter(self.energy.values())).shape[0] if self.energy else 0
@@ -113,7 +114,10 @@ class BranchUsage:
         if not self.energy:
             return other
         energy = {b: torch.cat([e, other.energy[b]]) for b, e in self.energy.items()}
-        return BranchUsage(energy, self.widths, self.sources + other.sources)
+        outputs = None
+        if self.outputs is not None and other.outputs is not None:
+            outputs = torch.cat([self.outputs, other.outputs])
+        return BranchUsage(energy, self.widths, self.sources + other.sources, outputs)
 
     def to_json(self, images: Sequence[int] | None = None) -> dict[str, Any]:
         """{"images": {source: {block: {"1x1": s, ...}}}, "mean": {block: {...}},
@@ -154,9 +158,10 @@ def branch_energy(model: nn.Module, x: Tensor, sources: Sequence[str] | None = N
         widths.setdefault(block, [0] * len(BRANCHES))[i] = out.shape[1]
 
     with _branch_hooks(model, record):
-        model(x)
+        out = model(x)
     names = list(sources) if sources is not None else [str(i) for i in range(n)]
-    return BranchUsage(energy, {b: tuple(w) for b, w in widths.items()}, names)
+    logits = out.detach().float().cpu() if isinstance(out, Tensor) else None
+    return BranchUsage(energy, {b: tuple(w) for b, w in widths.items()}, names, logits)
 
 
 def branch_usage_png(usage: BranchUsage, title: str = "branch usage") -> bytes:
