@@ -47,7 +47,6 @@ def run(tmp_path, *extra: str):
         "lookahead_every=-1",
         "holdout=-5",
         "warmup_min_steps=-1",
-        "tta='mirror'",
     ],
 )
 def test_out_of_range_values_name_the_key(tmp_path, bad):

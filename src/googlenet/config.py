@@ -26,7 +26,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
-    "tta": ("none", "flip", "flip_shift"),
 }
 
 # Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
@@ -103,7 +102,6 @@ class TrainConfig:
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 1  # validate every N epochs (and always after the last)
     holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
-    tta: str = "none"  # final validation's test-time augmentation: none | flip | flip_shift
     out: str = ""  # run folder; empty: runs/<recipe>
 
     def validate(self) -> TrainConfig:
