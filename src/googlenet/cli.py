@@ -85,7 +85,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Under torchrun (torchrun --nproc_per_node=N -m googlenet train ...) it runs DDP.",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--recipe", default=None, help="shipped recipe: article, paper, cifar10-fast")
+    src.add_argument(
+        "--recipe", default=None, help="shipped recipe: cifar10-fast, article, paper, finetune"
+    )
     src.add_argument("--config", default=None, help="a TOML config file (e.g. a run's config.toml)")
     p.add_argument(
         "--set",
@@ -97,12 +99,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default=None, help="data folder (else $GOOGLENET_DATA, else ./data)")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start from this checkpoint or run folder (config key init; see --recipe finetune)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from googlenet.config import resolve_config
@@ -112,6 +121,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.out is not None:
         overrides.append(f"out={args.out}")
+    if args.init is not None:
+        overrides.append(f"init={json.dumps(args.init)}")  # quoted: any path is a TOML string
     # Resuming without --recipe/--config: start from the run's own resolved config.
     if args.resume and args.recipe is None and config_file is None:
         saved = Path(args.out or "runs/cifar10-fast") / "config.toml"

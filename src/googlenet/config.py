@@ -12,10 +12,10 @@ import dataclasses
 import json
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from googlenet.errors import UserError, note
 
@@ -46,6 +46,7 @@ class TrainConfig:
     aux_weight: float = 0.3  # loss = main + aux_weight * (aux1 + aux2), as in the paper
     dropout: float = -1.0  # dropout before the classifier; negative: the variant's default
     aux_dropout: float = -1.0  # dropout inside the aux heads; negative: the variant's default
+    transform_input: bool = False  # torchvision's input conversion (its ImageNet weights need it)
     # --- data ---
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train, root/val) | shards
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
@@ -54,6 +55,8 @@ class TrainConfig:
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
     limit_val: int = 0  # use only the first N validation images (0: all)
+    mean: list[float] = field(default_factory=list)  # per-channel mean (0..1); []: data set's
+    std: list[float] = field(default_factory=list)  # per-channel std (0..1); []: data set's
     # --- augmentation (training only) ---
     crop_padding: int = 4  # random crop after zero-padding by this many pixels (0: off)
     flip: bool = True  # random horizontal flip
@@ -85,6 +88,11 @@ class TrainConfig:
     lookahead_decay: float = 0.77  # slow copy's decay at the end of the run, ramped as (t/T)^3
     whiten_init: bool = False  # conv1 initialised from the whitening of training patches
     alternate_flip: bool = False  # flip each image on alternate epochs instead of at random
+    # --- fine-tuning (finetune.py) ---
+    init: str = ""  # start from this checkpoint (fresh start only; a resume restores its own)
+    init_partial: bool = False  # init: load what fits, leave other mismatched tensors fresh
+    freeze: str = ""  # freeze every block up to and including this one (summary's names)
+    backbone_lr_scale: float = 1.0  # lr factor for every parameter outside aux1/aux2/fc
     # --- weight averaging (the averaged weights are validated and exported) ---
     ema: bool = True  # exponential moving average of the weights
     ema_decay: float = 0.99  # EMA decay per step (ramped up over the first steps)
@@ -103,6 +111,10 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last)
     holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
     out: str = ""  # run folder; empty: runs/<recipe>
+
+    # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by
+    # resolve_config. They win over what an `init` checkpoint supplies. Not saved.
+    user_keys: ClassVar[frozenset[str]] = frozenset()
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked when they are set); return self."""
@@ -165,6 +177,31 @@ class TrainConfig:
                 raise UserError(
                     f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
                 )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            ok = all(math.isfinite(v) and (key == "mean" or v > 0) for v in values)
+            if len(values) not in (0, 3) or not ok:
+                raise UserError(
+                    f"config key {key!r}: expected 3 finite values"
+                    f"{' > 0' if key == 'std' else ''} (or [] for the data set's), got {values}"
+                )
+        if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale > 0):
+            raise UserError(
+                f"config key 'backbone_lr_scale': must be a positive number, "
+                f"got {self.backbone_lr_scale} (freeze blocks with 'freeze' instead)"
+            )
+        if self.init and self.whiten_init:
+            raise UserError(
+                "config keys 'init' and 'whiten_init' exclude each other "
+                "(whitening would replace conv1's loaded weights)"
+            )
+        from googlenet.finetune import BLOCKS
+
+        if self.freeze and self.freeze not in BLOCKS:
+            raise UserError(
+                f"config key 'freeze': unknown block {self.freeze!r}; expected one of "
+                f"{', '.join(BLOCKS)} (the names googlenet summary prints)"
+            )
         if self.ema and self.polyak:
             raise UserError("config keys 'ema' and 'polyak' are exclusive; set one to false")
         return self
@@ -174,7 +211,7 @@ class TrainConfig:
 
 
 FIELD_TYPES: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+    f.name: {"str": str, "int": int, "float": float, "bool": bool, "list[float]": list}[str(f.type)]
     for f in fields(TrainConfig)
 }
 
@@ -184,6 +221,12 @@ def _coerce(key: str, value: Any) -> Any:
     if key not in FIELD_TYPES:
         raise UserError(f"unknown config key {key!r}")
     want = FIELD_TYPES[key]
+    if want is list:  # list[float]
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(f"config key {key!r}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not want:
@@ -268,6 +311,7 @@ def resolve_config(
     if recipe is not None and config_file is not None:
         raise UserError("give either --recipe or --config, not both")
     cfg = TrainConfig()
+    user: set[str] = set()
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -279,6 +323,7 @@ def resolve_config(
         if base in list_recipes():  # a file may start from a recipe and change a few keys
             _apply(cfg, recipe_values(base), f"recipe {base!r}")
         _apply(cfg, values, str(path))
+        user.update(k for k in values if k != "recipe")
     else:
         name = recipe or DEFAULT_RECIPE
         _apply(cfg, recipe_values(name), f"recipe {name!r}")
@@ -286,6 +331,8 @@ def resolve_config(
     for text in overrides:
         key, value = parse_override(text)
         setattr(cfg, key, value)
+        user.add(key)
+    cfg.user_keys = frozenset(user)
     return cfg.validate()
 
 

@@ -38,7 +38,7 @@ from googlenet.checkpoint import (
 from googlenet.config import TrainConfig, to_toml
 from googlenet.devices import autocast, pick_device, pick_dtype
 from googlenet.distributed import Dist, all_reduce, broadcast_buffers, init_distributed
-from googlenet.errors import UserError
+from googlenet.errors import UserError, note
 from googlenet.loader import BatchLoader
 from googlenet.metrics import HEAD_NAMES, Metrics
 from googlenet.optim import (
@@ -188,6 +188,8 @@ def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         "num_classes": num_classes,
         "aux_logits": cfg.aux_logits,
     }
+    if cfg.transform_input:
+        args["transform_input"] = True
     if cfg.dropout >= 0:
         args["dropout"] = cfg.dropout
     if cfg.aux_dropout >= 0:
@@ -324,12 +326,17 @@ def _setup(
     progress: bool,
 ) -> _Run:
     """Data, model, optimizer, loaders and the run folder (restored from `last` on resume)."""
+    from googlenet import finetune
     from googlenet.augment import Augment
     from googlenet.datasets import ArrayDataset, norm_stats
     from googlenet.logs import RunLog
     from googlenet.model import build
 
     out = Path(cfg.out or f"runs/{cfg.recipe}")
+    init = None
+    if cfg.init and not resume:  # a resume restores its own checkpoint instead
+        init = finetune.read_init(cfg.init)
+        cfg = finetune.config_from_init(cfg, init).validate()
     device = pick_device(cfg.device, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -359,11 +366,19 @@ def _setup(
     classes = list(train_set.classes) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
     num_classes = cfg.num_classes or len(classes)
     mean, std = norm_stats(cfg.dataset)
+    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std
 
     # Model: same seed on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
     args = model_args(cfg, num_classes)
     raw = build(args["variant"], **{k: v for k, v in args.items() if k != "variant"})
+    init_record = None
+    if init is not None:
+        report = finetune.apply_init(raw, init, classes, cfg.init_partial)
+        for line in report.lines():
+            note(line)
+        init_record = report.record(finetune.checksum(init.path))
+        del init
     size = cfg.input_size or raw.spec.input_size
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
@@ -376,6 +391,8 @@ def _setup(
         if device.type != "cuda":
             raise UserError("config key 'sync_bn': SyncBatchNorm needs CUDA GPUs (NCCL)")
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    # After any module swap (SyncBatchNorm), so that the frozen layers are the ones trained.
+    frozen = finetune.freeze(raw, cfg.freeze) if cfg.freeze else []
     dtype = pick_dtype(cfg.precision, device)
     opt = make_optimizer(cfg, raw)
     avg = WeightAverage(raw, cfg.ema_decay, cfg.polyak) if cfg.ema or cfg.polyak else None
@@ -421,6 +438,8 @@ def _setup(
         "dataset": cfg.dataset,
         "config": cfg.to_dict(),
     }
+    if init_record is not None:
+        meta_base["init"] = init_record
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
@@ -449,7 +468,8 @@ def _setup(
             f"training {cfg.variant} ({num_classes} classes, {size}x{size}) on {device.type}"
             f" x{d.world_size}, {'fp32' if dtype is None else str(dtype)[6:]} autocast,"
             f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs} epochs,"
-            f" {len(train_loader)} steps/epoch -> {out}",
+            f" {len(train_loader)} steps/epoch -> {out}"
+            + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
             file=sys.stderr,
         )
     return run
@@ -618,6 +638,8 @@ def _restore(run: _Run) -> tuple[int, float, int]:
             f"{meta_base['model']}; resume with the run's own config ({out / 'config.toml'})"
         )
     load_state_dict_strict(raw, groups["model"], source=str(path))
+    if "init" in meta:  # the run's provenance carries over
+        meta_base["init"] = meta["init"]
     if "optim" not in groups and "optim" not in meta:
         raise UserError(f"{path}: checkpoint has no optimizer state to resume from")
     optimizer_state_from_tensors(opt, groups.get("optim", {}), meta["optim"])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from googlenet.config import TrainConfig
+from googlenet.errors import UserError
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -59,29 +60,40 @@ def apply_norm_options(cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD; weight decay on conv/linear weights only unless decay_norm_bias; BatchNorm biases
-    in a group of their own when norm_bias_lr_scale != 1. Frozen parameters are left out."""
+    """SGD over the trainable parameters (frozen ones are left out): weight decay on
+    conv/linear weights only unless decay_norm_bias; BatchNorm biases in a group of their own
+    when norm_bias_lr_scale != 1; with backbone_lr_scale != 1 the heads (aux1, aux2, fc) apart
+    from the rest. A group's "lr_scale" multiplies the schedule's lr (set_lr)."""
+    from googlenet.finetune import is_head
+
     norm_bias = {id(m.bias) for m in _norm_layers(model) if m.bias is not None}
     if cfg.norm_bias_lr_scale == 1:
         norm_bias = set()
-    decay, no_decay, biases = [], [], []
-    for p in model.parameters():
+    split = cfg.backbone_lr_scale != 1
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        head = split and is_head(name)
+        scale = 1.0 if head or not split else cfg.backbone_lr_scale
         if id(p) in norm_bias:
-            biases.append(p)
+            # airbench's trick: a much larger step for the BN shifts, with the decay scaled
+            # down by the same factor so the decay per step stays as it was.
+            kind, scale = "bias", scale * cfg.norm_bias_lr_scale
+            wd = cfg.weight_decay / cfg.norm_bias_lr_scale if cfg.decay_norm_bias else 0.0
+        elif p.ndim > 1 or cfg.decay_norm_bias:
+            kind, wd = "decay", cfg.weight_decay
         else:
-            (decay if p.ndim > 1 or cfg.decay_norm_bias else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if biases:
-        # airbench's trick: a much larger step for the BN shifts, with the decay scaled down
-        # by the same factor so the decay per step stays as it was.
-        wd = cfg.weight_decay / cfg.norm_bias_lr_scale if cfg.decay_norm_bias else 0.0
-        groups.append({"params": biases, "weight_decay": wd, "lr_scale": cfg.norm_bias_lr_scale})
+            kind, wd = "no_decay", 0.0
+        g = groups.setdefault((kind, head), {"params": [], "weight_decay": wd})
+        if scale != 1:
+            g["lr_scale"] = scale
+        g["params"].append(p)
+    if not groups:
+        raise UserError("every parameter is frozen: nothing to train")
+    order = [(k, h) for h in (False, True) for k in ("decay", "no_decay", "bias")]
     return torch.optim.SGD(
-        groups,
+        [groups[key] for key in order if key in groups],
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
