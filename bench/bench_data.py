@@ -21,7 +21,7 @@ import torch
 from googlenet.augment import Augment
 from googlenet.datasets import load_cifar
 from googlenet.loader import BatchLoader
-from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD
+from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 # (name, input size, augmentation, model training img/s at that size for the 10x check)
@@ -92,9 +92,7 @@ def main() -> None:
         loader = BatchLoader(
             train,
             args.batch_size,
-            input_size=size,
-            mean=CIFAR10_MEAN,
-            std=CIFAR10_STD,
+            preprocess=Preprocess(size, CIFAR10_MEAN, CIFAR10_STD, size),
             augment=aug,
             shuffle=True,
             drop_last=True,

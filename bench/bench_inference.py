@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from googlenet.evaluate import make_runner
+from googlenet.devices import make_runner
 from googlenet.export import onnx_bytes, onnx_runner, torchscript_bytes, torchscript_runner
 from googlenet.model import build, get_spec
 
@@ -43,7 +43,9 @@ def runners(variant: str, side: int, tmp: Path) -> dict[str, Runner]:
     model = build(variant, aux_logits=False).eval()
     out: dict[str, Runner] = {
         "eager fp32": make_runner(model),
-        "bf16 + channels_last": make_runner(build(variant, aux_logits=False).eval(), bf16=True),
+        "bf16 + channels_last": make_runner(
+            build(variant, aux_logits=False).eval(), "cpu", torch.bfloat16, channels_last=True
+        ),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--data", default=None, help="data root (default: $GOOGLENET_DATA, ./data)")
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
+    ap.add_argument("--limit", type=int, default=None, help="a stratified sample of N images")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--modes", default=",".join(TTA_MODES), help="comma-separated TTA modes")
     ap.add_argument("--fp32", action="store_true", help="fp32 instead of bf16 autocast")
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     base: float | None = None
     for label, ms, mode in runs:
         t0 = time.perf_counter()
-        r = evaluate([], args.data, mode, args.batch_size, args.limit, bf16=bf16, members=ms)
+        precision = "bf16" if bf16 else "fp32"
+        r = evaluate([], args.data, mode, args.batch_size, args.limit, precision, "cpu", members=ms)
         dt = time.perf_counter() - t0
         base = r.top1 if base is None else base
         gain = 100 * (r.top1 - base)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from googlenet.checkpoint import save_checkpoint
+from googlenet.checkpoint import CheckpointMeta, save_checkpoint
 from googlenet.datasets import ArrayDataset
 from googlenet.model import build
+from googlenet.transforms import Preprocess
 
 # Tests run on 2 CPU cores; more threads only add contention between parallel jobs.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -71,20 +72,16 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = build(variant, num_classes=len(classes), aux_logits=False)
     calibrate(model, input_size)
-    meta = {
-        "model": {"variant": variant, "num_classes": len(classes), "aux_logits": False},
-        "classes": classes,
-        "preprocess": {
-            "input_size": input_size,
-            "mean": [0.5, 0.4, 0.3],
-            "std": [0.25, 0.25, 0.25],
-            "resize": resize,
-        },
-        "dataset": dataset,
-        "config": {},
-        "epoch": 1,
-        "metrics": {},
-    }
+    meta = CheckpointMeta(
+        model={"variant": variant, "num_classes": len(classes), "aux_logits": False},
+        classes=classes,
+        # resize None: the shorter side to input_size (the whole image at the input scale)
+        preprocess=Preprocess(
+            input_size, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25), resize or input_size
+        ),
+        dataset=dataset,
+        provenance={"source": "test"},
+    )
     return save_checkpoint(path, {"model": model.state_dict()}, meta)
 
 

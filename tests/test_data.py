@@ -34,7 +34,13 @@ from googlenet.datasets import (
 )
 from googlenet.errors import UserError
 from googlenet.loader import BatchLoader
-from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, read_image, resample_matrix
+from googlenet.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Preprocess,
+    read_image,
+    resample_matrix,
+)
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # mean/std that leave pixels on the 0..1 scale
 
@@ -223,7 +229,11 @@ def test_real_cifar10(cifar_root):
     mean = train.images.float().mean((0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor(CIFAR10_MEAN), atol=0.002)
     x, y = next(
-        iter(BatchLoader(test.subset(64), 64, input_size=224, mean=CIFAR10_MEAN, std=CIFAR10_STD))
+        iter(
+            BatchLoader(
+                test.subset(64), 64, preprocess=Preprocess(224, CIFAR10_MEAN, CIFAR10_STD, 224)
+            )
+        )
     )
     assert x.shape == (64, 3, 224, 224) and torch.equal(y, test.labels[:64])
 
@@ -250,7 +260,7 @@ def _label_coded(n: int = 40, side: int = 32) -> ArrayDataset:
 def test_augmentation_keeps_labels_aligned(augment, size):
     ds = _label_coded()
     loader = BatchLoader(
-        ds, 8, input_size=size, mean=ZERO, std=ONE, augment=augment, shuffle=True, seed=3
+        ds, 8, preprocess=Preprocess(size, ZERO, ONE), augment=augment, shuffle=True, seed=3
     )
     seen = 0
     for x, y in loader:
@@ -268,9 +278,7 @@ def test_crop_and_flip_are_windows_of_the_padded_image():
     loader = BatchLoader(
         ds,
         12,
-        input_size=8,
-        mean=ZERO,
-        std=ONE,
+        preprocess=Preprocess(8, ZERO, ONE),
         augment=Augment(crop_padding=2, flip=True),
         shuffle=False,
     )
@@ -299,9 +307,9 @@ def test_resize_matches_interpolate_and_normalises():
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     for size, channels_last in ((32, False), (80, True), (80, False)):
-        loader = BatchLoader(
-            ds, 4, input_size=size, mean=CIFAR10_MEAN, std=CIFAR10_STD, channels_last=channels_last
-        )
+        # The training path (an augmentation with nothing random) resizes in float.
+        pp = Preprocess(size, CIFAR10_MEAN, CIFAR10_STD)
+        loader = BatchLoader(ds, 4, preprocess=pp, augment=Augment(), channels_last=channels_last)
         x, _ = next(iter(loader))
         want = F.interpolate(ref, size=(size, size), mode="bilinear")
         assert torch.allclose(x, (want - mean) / std, atol=1e-4)
@@ -315,9 +323,9 @@ def test_resize_matches_interpolate_and_normalises():
 
 def test_larger_source_is_cropped_to_the_input():
     ds = ArrayDataset(torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8), torch.arange(6))
-    x, _ = next(iter(BatchLoader(ds, 6, input_size=8, mean=ZERO, std=ONE)))
+    x, _ = next(iter(BatchLoader(ds, 6, preprocess=Preprocess(8, ZERO, ONE))))
     assert torch.allclose(x, ds.images[:, :, 2:10, 2:10].float() / 255)  # centre crop
-    loader = BatchLoader(ds, 6, input_size=8, mean=ZERO, std=ONE, augment=Augment(), seed=4)
+    loader = BatchLoader(ds, 6, preprocess=Preprocess(8, ZERO, ONE), augment=Augment(), seed=4)
     x, _ = next(iter(loader))
     src = ds.images.float() / 255
     offsets = set()
@@ -335,16 +343,16 @@ def test_larger_source_is_cropped_to_the_input():
 
 def test_photometric_and_cutout():
     ds = ArrayDataset(torch.full((16, 3, 32, 32), 128, dtype=torch.uint8), torch.zeros(16))
-    plain = BatchLoader(ds, 16, input_size=32, mean=ZERO, std=ONE)
+    plain = BatchLoader(ds, 16, preprocess=Preprocess(32, ZERO, ONE))
     photo = BatchLoader(
-        ds, 16, input_size=32, mean=ZERO, std=ONE, augment=Augment(photometric=True)
+        ds, 16, preprocess=Preprocess(32, ZERO, ONE), augment=Augment(photometric=True)
     )
     x0, _ = next(iter(plain))
     x1, _ = next(iter(photo))
     assert x1.min() >= 0 and x1.max() <= 1
     per_image = x1.mean((1, 2, 3))
     assert not torch.allclose(x1, x0) and per_image.std() > 0.01  # per-image jitter differs
-    cut = BatchLoader(ds, 16, input_size=32, mean=ZERO, std=ONE, augment=Augment(cutout=8))
+    cut = BatchLoader(ds, 16, preprocess=Preprocess(32, ZERO, ONE), augment=Augment(cutout=8))
     x2, _ = next(iter(cut))
     zeros = (x2 == 0).all(1).sum((1, 2))  # cutout fills with the mean = 0 after normalising
     assert (zeros > 0).all() and (zeros <= 64).all() and (zeros == 64).any()
@@ -356,7 +364,7 @@ def test_same_seed_same_batches_and_epochs_differ():
 
     def run(epoch: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         loader = BatchLoader(
-            ds, 16, input_size=32, mean=ZERO, std=ONE, augment=aug, shuffle=True, seed=seed
+            ds, 16, preprocess=Preprocess(32, ZERO, ONE), augment=aug, shuffle=True, seed=seed
         )
         loader.set_epoch(epoch)
         return list(loader)
@@ -380,9 +388,7 @@ def test_shards_partition_an_epoch(shuffle, drop_last):
         loader = BatchLoader(
             ds,
             5,
-            input_size=4,
-            mean=ZERO,
-            std=ONE,
+            preprocess=Preprocess(4, ZERO, ONE),
             shuffle=shuffle,
             drop_last=drop_last,
             seed=7,
@@ -404,9 +410,9 @@ def test_shards_partition_an_epoch(shuffle, drop_last):
 def test_loader_rejects_bad_arguments():
     ds = _label_coded(4)
     with pytest.raises(UserError, match="rank"):
-        BatchLoader(ds, 2, input_size=32, mean=ZERO, std=ONE, rank=2, world_size=2)
+        BatchLoader(ds, 2, preprocess=Preprocess(32, ZERO, ONE), rank=2, world_size=2)
     with pytest.raises(UserError, match="batch size"):
-        BatchLoader(ds, 0, input_size=32, mean=ZERO, std=ONE)
+        BatchLoader(ds, 0, preprocess=Preprocess(32, ZERO, ONE))
     with pytest.raises(UserError, match="padding_mode"):
         Augment(padding_mode="wrap")
 
@@ -515,9 +521,7 @@ def test_image_folder_streams_splits_and_feeds_the_loader(tmp_path):
     loader = BatchLoader(
         train,
         6,
-        input_size=24,
-        mean=ZERO,
-        std=ONE,
+        preprocess=Preprocess(24, ZERO, ONE),
         augment=Augment(flip=True, scale_aspect=True),
         shuffle=True,
     )

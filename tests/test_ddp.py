@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from googlenet.checkpoint import load_checkpoint
 from googlenet.config import resolve_config
 from googlenet.engine import train
+from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from tests.conftest import synth
 
 OVERRIDES = [
@@ -78,7 +79,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
 
     a, meta_a = load_checkpoint(tmp_path / "single" / "last.safetensors")
     b, meta_b = load_checkpoint(tmp_path / "ddp" / "last.safetensors")
-    assert meta_b["epoch"] == 2 and meta_b["config"]["batch_size"] == 16
+    assert meta_b.training.epoch == 2 and meta_b.config["batch_size"] == 16
     for k, w in a["model"].items():
         # float sums run in a different order: allow 1e-3 of the tensor's scale
         assert (b["model"][k] - w).abs().max() <= 1e-3 * w.abs().max() + 1e-7, k
@@ -92,7 +93,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert any(not torch.equal(one.model.state_dict()[k], w) for k, w in a["model"].items())
     assert all(torch.equal(single.model.state_dict()[k], w) for k, w in a["model"].items())
     # metrics reduced over both ranks: the same train loss, every val image counted once
-    ma, mb = meta_a["metrics"], meta_b["metrics"]
+    ma, mb = meta_a.training.metrics, meta_b.training.metrics
     assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=1e-4)
     assert mb["val_acc"] == pytest.approx(ma["val_acc"]) and mb["val_loss"] == pytest.approx(
         ma["val_loss"], rel=1e-4
@@ -100,3 +101,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     # only rank 0 writes: one row per epoch
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
+    # val_predictions.csv gathers both ranks' images, in data-set order
+    single_rows = read_predictions(tmp_path / "single" / VAL_PREDICTIONS)
+    ddp_rows = read_predictions(tmp_path / "ddp" / VAL_PREDICTIONS)
+    assert [r["index"] for r in ddp_rows] == [str(i) for i in range(len(val_set))]
+    assert [r["true"] for r in ddp_rows] == [r["true"] for r in single_rows]

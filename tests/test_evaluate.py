@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from googlenet.cli import main
-from googlenet.datasets import load_cifar
+from googlenet.devices import make_runner
 from googlenet.errors import UserError
 from googlenet.evaluate import (
     PAPER_SCALES,
@@ -19,7 +20,6 @@ from googlenet.evaluate import (
     evaluate_batches,
     format_result,
     load_members,
-    make_runner,
     merge_views,
     tta_crops,
     tta_probs,
@@ -27,8 +27,8 @@ from googlenet.evaluate import (
     write_report,
 )
 from googlenet.inference import load
-from googlenet.metrics import Metrics
-from googlenet.transforms import Preprocess, preprocess_batch, resize_shorter
+from googlenet.metrics import Metrics, read_predictions
+from googlenet.transforms import Preprocess
 from tests.conftest import CLASSES, make_checkpoint, random_image
 
 IDENTITY = Preprocess(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -69,7 +69,8 @@ LABELS = torch.tensor([0, 1, 0, 3, 2, 6])
 def test_metrics_exact_with_stub_model(mode: str):
     runners = [(make_runner(FixedLogits(TABLE)), IDENTITY)]
     classes = [f"c{i}" for i in range(7)]
-    batches = [(constant_images(6)[:4], LABELS[:4]), (constant_images(6)[4:], LABELS[4:])]
+    images = constant_images(6)
+    batches = [(images[:4], LABELS[:4], [0, 1, 2, 3]), (images[4:], LABELS[4:], [4, 5])]
     r = evaluate_batches(runners, batches, classes, mode)
     assert r.n == 6 and r.tta == mode
     assert r.top1 == pytest.approx(2 / 6)  # images 0 and 3
@@ -124,9 +125,9 @@ def test_144crop_tensors_match_geometry():
     views, crops = tta_crops(x, "144crop", 32)
     assert crops.shape == (2, 144, 3, 32, 32)
     i = views.index(View(37, 0, 0, 32))  # top-left corner crop at the first scale
-    resized = resize_shorter(x.float() / 255, 37)
-    assert resized.shape[-2:] == (37, 49)
-    assert torch.equal(crops[:, i], resized[..., :32, :32])
+    # int(37 * 48 / 36) = 49: the whole image resized, then cut, equals the one-step crop
+    resized = F.interpolate(x.float() / 255, (37, 49), mode="bilinear", antialias=True)
+    assert torch.allclose(crops[:, i], resized[..., :32, :32], atol=1e-5)
     j = views.index(View(37, 0, 0, 32, True))
     assert torch.equal(crops[:, j], crops[:, i].flip(-1))
     whole = views.index(View(37, 0, 12, 37))  # right square, resized to 32
@@ -148,7 +149,7 @@ def test_10crop_and_flip_geometry():
     assert corners == {(0, 0), (0, 117), (32, 0), (32, 117), (16, 58)}  # 256 x 341 image
     cifar = tta_views(32, 32, "10crop", 32)  # no resize in meta: 32 * 256 / 224
     assert {v.scale for v in cifar} == {37} and len(merge_views(cifar)) == 10
-    assert tta_views(32, 32, "flip", 32) == [View(32, 0, 0, 32), View(32, 0, 0, 32, True)]
+    assert tta_views(32, 32, "flip", 32, 32) == [View(32, 0, 0, 32), View(32, 0, 0, 32, True)]
     with pytest.raises(UserError, match="TTA mode"):
         tta_views(32, 32, "5crop", 32)
 
@@ -167,7 +168,7 @@ def test_tta_probs_is_the_weighted_mean_over_all_crops():
         assert torch.allclose(got, expected, atol=1e-5), mode
     none = tta_probs(make_runner(model), x, pp, "none")
     with torch.no_grad():
-        assert torch.allclose(none, torch.softmax(model(preprocess_batch(x, pp)), 1), atol=1e-6)
+        assert torch.allclose(none, torch.softmax(model(pp(x)), 1), atol=1e-6)
 
 
 def _class_folder(root: Path, per_class: int = 2) -> Path:
@@ -185,7 +186,7 @@ def test_ensemble_equals_mean_of_member_probabilities(tmp_path: Path):
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     members = load_members([a, b])
     runners = [(make_runner(m.model), m.preprocess) for m in members]
-    pa, pb = (load(c).predict_tensor(preprocess_batch(x, load(c).preprocess)) for c in (a, b))
+    pa, pb = (load(c).predict_tensor(load(c).preprocess(x)) for c in (a, b))
     assert not torch.allclose(pa, pb, atol=1e-3)
     assert torch.allclose(ensemble_probs(runners, x), (pa + pb) / 2, atol=1e-6)
 
@@ -221,9 +222,16 @@ def test_folder_with_unknown_class_is_rejected(tmp_path: Path):
 
 def test_report_files_and_table(tmp_path: Path):
     runners = [(make_runner(FixedLogits(TABLE)), IDENTITY)]
-    r = evaluate_batches(runners, [(constant_images(6), LABELS)], [f"c{i}" for i in range(7)])
+    batches = [(constant_images(6), LABELS, list(range(6)))]
+    r = evaluate_batches(runners, batches, [f"c{i}" for i in range(7)])
     files = write_report(r, tmp_path / "out")
-    assert [f.name for f in files] == ["metrics.json", "confusion.json", "confusion.png"]
+    names = ["metrics.json", "confusion.json", "confusion.png", "predictions.csv"]
+    assert [f.name for f in files] == names
+    rows = read_predictions(files[3])
+    assert [(r["index"], r["true"], r["predicted"]) for r in rows[:2]] == [
+        ("0", "c0", "c0"),
+        ("1", "c1", "c0"),
+    ]
     metrics = json.loads(files[0].read_text())
     assert metrics["n"] == 6 and metrics["top1"] == pytest.approx(2 / 6)
     assert metrics["per_class"]["c3"] == 1.0 and metrics["per_class"]["c4"] is None
@@ -253,8 +261,8 @@ def test_evaluate_on_real_cifar10_slice(tmp_path: Path, cifar_root: Path, capsys
     a = make_checkpoint(tmp_path / "c.safetensors", classes=names, dataset="cifar10")
     r = evaluate([a], data=cifar_root, limit=20, tta="10crop", batch_size=8)
     assert r.n == 20 and r.classes == names and 0.0 <= r.top1 <= r.top5 <= 1.0
-    truth = load_cifar(cifar_root, "cifar10", "test").labels[:20]
-    assert torch.equal(r.confusion.sum(1), torch.bincount(truth, minlength=10))
+    # --limit takes a seeded class-stratified sample: 2 of each of the 10 classes
+    assert r.confusion.sum(1).tolist() == [2] * 10
     out = tmp_path / "o"
     args = ["evaluate", str(a), "--data", str(cifar_root), "--limit", "8", "--out", str(out)]
     assert main(args) == 0

@@ -85,12 +85,12 @@ def test_init_from_imported_bn_into_five_classes(tmp_path, imported_bn):
     assert lines[1] == "  re-initialised (the classes differ): " + ", ".join(CLASSIFIER_KEYS)
     _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     # the model options come from the checkpoint: bn, and torchvision's input conversion
-    assert meta["model"]["variant"] == "bn" and meta["model"]["transform_input"] is True
-    assert meta["classes"] == FIVE and meta["model"]["num_classes"] == 5
-    pp = meta["preprocess"]
-    assert pp["input_size"] == 32  # the config key overrides the checkpoint's 224
-    assert pp["mean"] == pytest.approx(IMAGENET_MEAN) and pp["std"] == pytest.approx(IMAGENET_STD)
-    init = meta["init"]
+    assert meta.model["variant"] == "bn" and meta.model["transform_input"] is True
+    assert meta.classes == FIVE and meta.model["num_classes"] == 5
+    pp = meta.preprocess
+    assert pp.input_size == 32  # the config key overrides the checkpoint's 224
+    assert pp.mean == pytest.approx(IMAGENET_MEAN) and pp.std == pytest.approx(IMAGENET_STD)
+    init = meta.provenance["init"]
     assert init["loaded"] == n and init["reinitialised"] == CLASSIFIER_KEYS
     assert init["fresh"] == [] and init["mismatched"] == [] and len(init["sha256"]) == 64
     assert 'init = "' in (tmp_path / "run" / "config.toml").read_text()
@@ -109,7 +109,7 @@ def test_init_from_imported_bn_into_five_classes(tmp_path, imported_bn):
     # the scheduled lr (constant 0.05) reaches the backbone scaled by backbone_lr_scale
     lrs = {
         (g.get("lr_scale", 1.0), g["weight_decay"] > 0): g["lr"]
-        for g in meta["optim"]["param_groups"]
+        for g in meta.training.optim["param_groups"]
     }
     assert lrs == {
         (0.1, True): pytest.approx(0.005),
@@ -225,7 +225,7 @@ def test_resume_restores_its_own_checkpoint_not_the_init(tmp_path):
     result = train(again, resume=True, **data)
     assert result.epochs == 2 and len(result.history) == 2
     _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
-    assert meta["init"]["reinitialised"] == ["fc.weight", "fc.bias"]
+    assert meta.provenance["init"]["reinitialised"] == ["fc.weight", "fc.bias"]
     with pytest.raises(UserError, match="init.safetensors"):  # a fresh start applies init
         train(again, **data)
 

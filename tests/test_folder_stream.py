@@ -15,6 +15,7 @@ from googlenet.augment import Augment
 from googlenet.datasets import load_image_folder
 from googlenet.errors import UserError
 from googlenet.loader import BatchLoader
+from googlenet.transforms import Preprocess
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -39,18 +40,18 @@ def _folder(root: Path, per_class: int, classes: int = 10) -> None:
 def decodes(monkeypatch):
     """Every file the folder data set decodes, in call order."""
     seen: list[Path] = []
-    real = datasets.read_image_resized
+    real = datasets.prepare_image
 
-    def counting(path, size, *a, **k):
+    def counting(path, *a, **k):
         seen.append(Path(path))
-        return real(path, size, *a, **k)
+        return real(path, *a, **k)
 
-    monkeypatch.setattr(datasets, "read_image_resized", counting)
+    monkeypatch.setattr(datasets, "prepare_image", counting)
     return seen
 
 
 def _loader(ds, batch: int, workers: int = 0, **kw) -> BatchLoader:
-    return BatchLoader(ds, batch, input_size=8, mean=ZERO, std=ONE, workers=workers, **kw)
+    return BatchLoader(ds, batch, preprocess=Preprocess(8, ZERO, ONE), workers=workers, **kw)
 
 
 def test_twenty_thousand_files_list_without_decoding(tmp_path, decodes):

@@ -11,7 +11,7 @@ import googlenet
 from googlenet.cli import main
 from googlenet.errors import UserError
 from googlenet.inference import iter_image_files, load
-from googlenet.transforms import Preprocess, preprocess_batch
+from googlenet.transforms import Preprocess
 from tests.conftest import CLASSES, make_checkpoint, random_image
 
 
@@ -49,14 +49,14 @@ def test_predict_tensor_gives_probabilities(ckpt: Path):
 def test_preprocess_resizes_shorter_side_and_centre_crops():
     img = torch.zeros(3, 32, 64, dtype=torch.uint8)
     img[:, :, 32:] = 255  # right half white
-    pp = Preprocess(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    x = preprocess_batch(img.unsqueeze(0), pp)[0]
+    pp = Preprocess(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=32)
+    x = pp(img)
     assert x.shape == (3, 32, 32)
     assert (x[:, :, :16] == 0).all() and (x[:, :, 16:] == 1).all()  # columns 16..48 kept
-    big = preprocess_batch(torch.zeros(1, 3, 100, 50, dtype=torch.uint8), pp)
+    big = pp(torch.zeros(1, 3, 100, 50, dtype=torch.uint8))
     assert big.shape == (1, 3, 32, 32)
     pp256 = Preprocess(input_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, resize=16)
-    y = preprocess_batch(torch.full((1, 3, 20, 40), 255, dtype=torch.uint8), pp256)
+    y = pp256(torch.full((1, 3, 20, 40), 255, dtype=torch.uint8))
     assert y.shape == (1, 3, 8, 8) and torch.allclose(y, torch.ones_like(y))
 
 
@@ -130,3 +130,22 @@ def test_iter_image_files_recurses_sorted(tmp_path: Path):
         (tmp_path / name).write_bytes(b"")
     found = [p.relative_to(tmp_path).as_posix() for p in iter_image_files([tmp_path])]
     assert found == ["1.png", "b/2.png"]
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export"])
+def test_cli_device_option(ckpt: Path, tmp_path: Path, capsys, command: str):
+    data = tmp_path / "data"
+    for c in CLASSES:
+        (data / c).mkdir(parents=True)
+        Image.fromarray(random_image(36, 44, len(c))).save(data / c / "a.png")
+    extra = {
+        "predict": [str(data)],
+        "evaluate": ["--data", str(data), "--out", str(tmp_path / "eval")],
+        "export": ["--format", "torchscript", "--out", str(tmp_path / "m.pt")],
+    }[command]
+    assert main([command, str(ckpt), *extra, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main([command, str(ckpt), *extra, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no CUDA GPU" in err

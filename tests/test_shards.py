@@ -158,9 +158,10 @@ def _loaders(tmp_path, split: str, **kw):
     from googlenet.datasets import load_image_folder
     from googlenet.loader import BatchLoader
     from googlenet.shards import ShardLoader, load_shards
+    from googlenet.transforms import Preprocess
 
     sets = dict(zip(("train", "val"), load_shards(tmp_path / "shards"), strict=True))
-    common = dict(input_size=16, mean=(0.0,) * 3, std=(1.0,) * 3)
+    common = dict(preprocess=Preprocess(16, (0.0,) * 3, (1.0,) * 3))
     folder = load_image_folder(tmp_path / "data" / split, size=16)
     return (
         BatchLoader(folder, 4, **common),

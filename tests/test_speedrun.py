@@ -14,6 +14,7 @@ from googlenet.errors import UserError
 from googlenet.loader import BatchLoader
 from googlenet.model import build
 from googlenet.optim import Lookahead, lr_at, whiten_conv1
+from googlenet.transforms import Preprocess
 from tests.conftest import synth
 
 
@@ -146,7 +147,7 @@ def test_alternate_flip_flips_each_image_once_in_two_epochs():
     data.images[:, :, :, 0] = 0
     data.images[:, :, :, -1] = 255
     loader = BatchLoader(
-        data, 10, input_size=8, mean=(0, 0, 0), std=(1, 1, 1), seed=3, shuffle=True,
+        data, 10, preprocess=Preprocess(8, (0, 0, 0), (1, 1, 1)), seed=3, shuffle=True,
         augment=Augment(flip=True, alternate_flip=True),
     )  # fmt: skip
     flipped = []

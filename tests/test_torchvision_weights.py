@@ -56,14 +56,14 @@ def test_import_pth_strict_and_outputs_match_direct_bn_model(tmp_path: Path):
     ckpt = convert_torchvision(pth, tmp_path / "tv")
     model, meta = load_model(tmp_path / "tv")
     assert ckpt.name == "best.safetensors"
-    assert meta["model"] == {
+    assert meta.model == {
         "variant": "bn",
         "num_classes": 1000,
         "aux_logits": True,
         "transform_input": True,
     }
-    assert meta["preprocess"]["resize"] == 256 and meta["preprocess"]["input_size"] == 224
-    assert meta["classes"] == imagenet_classes() and meta["dataset"] == "imagenet"
+    assert meta.preprocess.resize == 256 and meta.preprocess.input_size == 224
+    assert meta.classes == imagenet_classes() and meta.dataset == "imagenet"
     direct = build("bn", num_classes=1000, aux_logits=True, transform_input=True)
     direct.load_state_dict(state, strict=True)
     x = torch.randn(1, 3, 224, 224)
@@ -77,7 +77,7 @@ def test_import_safetensors_without_aux(tmp_path: Path, capsys):
     assert main(["import-torchvision", str(st), "--out", str(tmp_path / "o")]) == 0
     assert "best.safetensors" in capsys.readouterr().out
     model, meta = load_model(tmp_path / "o")
-    assert meta["model"]["aux_logits"] is False and model.aux1 is None
+    assert meta.model["aux_logits"] is False and model.aux1 is None
 
 
 def test_missing_and_extra_keys_are_listed(tmp_path: Path, capsys):

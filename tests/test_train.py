@@ -12,6 +12,7 @@ from googlenet.config import resolve_config
 from googlenet.engine import TrainingDiverged, train
 from googlenet.errors import UserError
 from googlenet.optim import WeightAverage
+from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from tests.conftest import synth
 
 
@@ -53,13 +54,13 @@ def test_learns_a_synthetic_task_and_writes_the_run(tmp_path):
     assert resolve_config(config_file=run / "config.toml") == cfg
     # best.safetensors is the best validation epoch; its model classifies the task
     _, best_meta = load_checkpoint(run / "best.safetensors")
-    assert best_meta["epoch"] == result.best_epoch and best_meta["metrics"]["val_acc"] == (
-        result.best_acc
-    )
+    assert best_meta.training.epoch == result.best_epoch and best_meta.training.metrics[
+        "val_acc"
+    ] == (result.best_acc)
     model, meta = load_model(run)
     val = synth(32, 1)
-    mean = torch.tensor(meta["preprocess"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(meta["preprocess"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(meta.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(meta.preprocess.std).view(1, 3, 1, 1)
     with torch.no_grad():
         pred = model((val.images.float() / 255 - mean) / std).argmax(1)
     assert (pred == val.labels).float().mean() * 100 == pytest.approx(result.best_acc)
@@ -70,11 +71,17 @@ def test_checkpoint_round_trip_follows_the_meta_schema(tmp_path):
     result = train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
     groups, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert {"model", "ema", "optim", "rng"} <= set(groups)
-    assert meta["model"] == {"variant": "cifar", "num_classes": 4, "aux_logits": False}
-    assert meta["classes"] == ["red", "green", "blue", "yellow"]
-    assert meta["preprocess"]["input_size"] == 16 and meta["preprocess"]["resize"] is None
-    assert meta["dataset"] == "cifar10" and meta["epoch"] == 1
-    assert meta["config"]["lr"] == 0.03 and meta["metrics"]["val_acc"] == result.best_acc
+    assert meta.model == {
+        "variant": "cifar",
+        "num_classes": 4,
+        "aux_logits": False,
+        "transform_input": False,
+    }
+    assert meta.classes == ["red", "green", "blue", "yellow"]
+    assert meta.preprocess == Preprocess(16, CIFAR10_MEAN, CIFAR10_STD, 16)
+    assert meta.dataset == "cifar10" and meta.training.epoch == 1
+    assert meta.config["lr"] == 0.03 and meta.training.metrics["val_acc"] == result.best_acc
+    assert meta.validation.weights == "ema" and meta.validation.precision == "fp32"
     model, _ = load_model(tmp_path / "run" / "last.safetensors")  # EMA weights
     for k, v in model.state_dict().items():
         assert torch.equal(v, groups["ema"][k]), k
@@ -107,7 +114,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, speed):
     with pytest.raises(KeyboardInterrupt):
         train(killed, progress=False, **data)
     monkeypatch.setattr(engine, "_reseed", real_reseed)
-    assert load_checkpoint(tmp_path / "b" / "run")[1]["epoch"] == 1
+    assert load_checkpoint(tmp_path / "b" / "run")[1].training.epoch == 1
     resumed = train(killed, progress=False, resume=True, **data)
 
     a, _ = load_checkpoint(tmp_path / "a" / "run" / "last.safetensors")
@@ -151,7 +158,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
         train(exploding, progress=False, resume=True, **data)
     assert last.read_bytes() == before  # untouched: epoch 1, finite weights
     groups, meta = load_checkpoint(last)
-    assert meta["epoch"] == 1 and all(torch.isfinite(t).all() for t in groups["model"].values())
+    assert meta.training.epoch == 1 and all(
+        torch.isfinite(t).all() for t in groups["model"].values()
+    )
 
 
 def test_diverged_run_exits_3_from_the_cli(monkeypatch, capsys):
@@ -217,5 +226,7 @@ def test_article_recipe_runs_end_to_end_from_the_cli(tmp_path, cifar_root, capsy
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "(aux1" in err
     _, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["model"]["variant"] == "article" and meta["preprocess"]["input_size"] == 224
-    assert meta["config"]["schedule"] == "step" and len(meta["classes"]) == 10
+    assert meta.variant == "article" and meta.preprocess == Preprocess(
+        224, CIFAR10_MEAN, CIFAR10_STD, 224
+    )
+    assert meta.config["schedule"] == "step" and len(meta.classes) == 10

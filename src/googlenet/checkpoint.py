@@ -1,6 +1,8 @@
 """Self-describing checkpoints: one .safetensors file holding every tensor (model, EMA,
-optimizer, RNG state) with a JSON header (model args, config, epoch, metrics, class names,
-preprocessing) in its metadata; a readable copy of that JSON is written beside it.
+optimizer, RNG state) with a JSON header, `CheckpointMeta` (model args, classes, preprocessing,
+data set, provenance, what validation used; training state apart), in its metadata; a
+readable copy of that JSON is written beside it. One writer (save_checkpoint), one validating
+reader (load_checkpoint / CheckpointMeta.from_header), which also reads format /1.
 
 No pickle anywhere: loading a checkpoint never runs code. Writes are atomic (temp file,
 fsync, rename), so a killed run leaves the previous checkpoint intact.
@@ -8,10 +10,12 @@ fsync, rename), so a killed run leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,148 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
+from googlenet.transforms import Preprocess
 
-FORMAT = "googlenet-checkpoint/1"
+FORMAT = "googlenet-checkpoint/2"
+V1 = "googlenet-checkpoint/1"  # read with migration (see CheckpointMeta.from_header)
 META_KEY = "googlenet"
+WEIGHT_GROUPS = ("model", "ema")  # tensor groups that hold a whole model
+
+
+@dataclass
+class Validation:
+    """What the run's validation ran with, so `googlenet evaluate RUN` can reproduce it."""
+
+    weights: str = "model"  # tensor group validated: "model" (raw) or "ema" (averaged)
+    precision: str = "fp32"  # autocast it ran under: fp32 | bf16 | fp16
+    batch_size: int = 0  # images per forward pass (0: not recorded)
+    channels_last: bool = False  # memory format of the input batches
+    data: dict[str, Any] = field(default_factory=dict)  # images: dataset, split/root, limit, seed
+
+
+@dataclass
+class TrainingState:
+    """Where a training run stands, kept apart from what the model is (for --resume and logs)."""
+
+    epoch: int = 0  # epochs completed
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's log row
+    best: dict[str, Any] = field(default_factory=dict)  # {"epoch", "val_acc"} of best.safetensors
+    optim: dict[str, Any] = field(default_factory=dict)  # optimizer state that is not tensors
+    average: dict[str, Any] = field(default_factory=dict)  # weight averaging: updates, polyak
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16 GradScaler state
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint is: the one definition its writer and every reader use.
+
+    Stored as JSON in the safetensors header (and a readable copy beside the file)."""
+
+    model: dict[str, Any]  # build() arguments: variant, num_classes, aux_logits, transform_input..
+    classes: list[str]  # class names, index = label
+    preprocess: Preprocess  # how images become the model input, exactly as validation used it
+    dataset: str  # what it was trained on: cifar10 | cifar100 | folder | imagenet
+    provenance: dict[str, Any] = field(default_factory=dict)  # source: train (+ config) | ...
+    validation: Validation | None = None  # None: not recorded (imported, or an old checkpoint)
+    training: TrainingState | None = None  # None: not a training checkpoint (e.g. imported)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model.get("variant"), str):
+            raise UserError("checkpoint metadata: 'model' names no variant")
+        self.model.setdefault("transform_input", False)
+
+    @property
+    def variant(self) -> str:
+        return str(self.model["variant"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model["num_classes"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training config it was made with ({} when imported)."""
+        return dict(self.provenance.get("config") or {})
+
+    def to_header(self) -> dict[str, Any]:
+        """The JSON header (with the format tag)."""
+        header: dict[str, Any] = {"format": FORMAT, **dataclasses.asdict(self)}
+        header["preprocess"] = self.preprocess.to_dict()
+        return header
+
+    @classmethod
+    def from_header(cls, header: Any, source: str = "checkpoint") -> CheckpointMeta:
+        """The validating reader: a UserError naming `source` and the missing or bad field.
+        Headers of format /1 are migrated (resize null meant "shorter side to input_size";
+        config/epoch/metrics/best/optim/average/scaler were top-level)."""
+        if not isinstance(header, dict):
+            raise UserError(f"{source}: checkpoint metadata is not a JSON object")
+        fmt = header.get("format")
+        if fmt not in (FORMAT, V1):
+            raise UserError(f"{source}: unknown checkpoint format {fmt!r} (expected {FORMAT})")
+        for key in ("model", "classes", "preprocess", "dataset"):
+            if key not in header:
+                raise UserError(f"{source}: checkpoint metadata has no {key!r} field")
+        model, classes = header["model"], header["classes"]
+        if not isinstance(model, dict) or "variant" not in model or "num_classes" not in model:
+            raise UserError(f"{source}: checkpoint 'model' field needs variant and num_classes")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise UserError(f"{source}: checkpoint 'classes' must be a list of names")
+        if len(classes) != int(model["num_classes"]):
+            raise UserError(
+                f"{source}: checkpoint lists {len(classes)} classes for a "
+                f"{model['num_classes']}-class model"
+            )
+        pp = dict(header["preprocess"]) if isinstance(header["preprocess"], dict) else None
+        if fmt == V1:
+            return cls._from_v1(header, pp, source)
+        return cls(
+            model=dict(model),
+            classes=list(classes),
+            preprocess=Preprocess.from_dict(pp, source),
+            dataset=str(header["dataset"]),
+            provenance=dict(header.get("provenance") or {}),
+            validation=_sub(Validation, header.get("validation"), source, "validation"),
+            training=_sub(TrainingState, header.get("training"), source, "training"),
+        )
+
+    @classmethod
+    def _from_v1(cls, header: dict, pp: dict | None, source: str) -> CheckpointMeta:
+        if pp is not None and pp.get("resize") is None and "input_size" in pp:
+            pp["resize"] = pp["input_size"]
+        config = dict(header.get("config") or {})
+        if config.get("source"):  # an import (torchvision) kept its provenance in "config"
+            provenance, training = config, None
+        else:
+            provenance = {"source": "train", "config": config}
+            training = TrainingState(
+                epoch=int(header.get("epoch", 0)),
+                metrics=dict(header.get("metrics") or {}),
+                best=dict(header.get("best") or {}),
+                optim=dict(header.get("optim") or {}),
+                average=dict(header.get("average") or {}),
+                scaler=dict(header.get("scaler") or {}),
+            )
+        return cls(
+            model=dict(header["model"]),
+            classes=list(header["classes"]),
+            preprocess=Preprocess.from_dict(pp, source),
+            dataset=str(header["dataset"]),
+            provenance=provenance,
+            training=training,
+        )
+
+
+def _sub(kind: type, value: Any, source: str, name: str) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: checkpoint {name!r} must be an object")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise UserError(f"{source}: checkpoint {name!r} has unknown fields {unknown}")
+    return kind(**value)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -53,16 +196,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, groups: Mapping[str, Mapping[str, Tensor]], meta: Mapping[str, Any]
+    path: str | Path, groups: Mapping[str, Mapping[str, Tensor]], meta: CheckpointMeta
 ) -> Path:
-    """Save tensor groups ({"model": state_dict, "ema": ..., ...}) and JSON-able `meta`."""
+    """The one writer: tensor groups ({"model": state_dict, "ema": ..., ...}) and `meta`,
+    atomically, plus a readable JSON copy of the header beside it."""
+    if not isinstance(meta, CheckpointMeta):
+        raise TypeError(f"meta must be a CheckpointMeta, got {type(meta).__name__}")
     path = Path(path)
     flat: dict[str, Tensor] = {}
     for group, tensors in groups.items():
         for name, t in tensors.items():
             # safetensors refuses shared or non-contiguous storage: give each tensor its own.
             flat[f"{group}/{name}"] = t.detach().to("cpu").contiguous().clone()
-    header = {"format": FORMAT, **meta}
+    header = meta.to_header()
     data = st_save(flat, metadata={META_KEY: json.dumps(header)})
     atomic_write_bytes(path, data)
     atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
@@ -82,21 +228,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """Read a checkpoint: (tensor groups, meta). A damaged file gives a UserError naming it."""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], CheckpointMeta]:
+    """Read a checkpoint: (tensor groups, meta). A damaged or foreign file gives a UserError
+    naming it (and the missing field)."""
     p = resolve_checkpoint(path)
     raw = p.read_bytes()
     try:
         flat = st_load(raw)
         header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-        meta = json.loads(header.get("__metadata__", {})[META_KEY])
-    except (SafetensorsError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorsError, ValueError, TypeError, AttributeError) as e:
         raise UserError(
             f"{p}: not a readable googlenet checkpoint (truncated or corrupt: {e})"
         ) from e
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{p}: unknown checkpoint format {meta.get('format')!r}")
+    if META_KEY not in metadata:
+        raise UserError(f"{p}: a safetensors file without googlenet metadata (not a checkpoint)")
+    try:
+        header = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: checkpoint metadata is not valid JSON ({e})") from e
+    meta = CheckpointMeta.from_header(header, str(p))
     groups: dict[str, dict[str, Tensor]] = {}
     for key, t in flat.items():
         group, _, name = key.partition("/")
@@ -104,25 +255,33 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
     return groups, meta
 
 
-def model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
-    """Build the (untrained) network a checkpoint describes: meta["model"] = build() args."""
+def model_from_meta(meta: CheckpointMeta) -> nn.Module:
+    """Build the (untrained) network a checkpoint describes."""
     from googlenet.model import build
 
-    args = dict(meta.get("model") or {})
-    variant = args.pop("variant", None)
-    if variant is None:
-        raise UserError("checkpoint metadata names no model variant")
+    args = dict(meta.model)
+    variant = args.pop("variant")
     return build(variant, **args)
 
 
-def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
-    """Model (eval mode) and meta from a checkpoint. weights: "model", "ema" or "auto" (EMA if
-    the checkpoint has one, since that is what the run validated)."""
+def served_weights(groups: Mapping[str, Any], meta: CheckpointMeta, weights: str = "auto") -> str:
+    """The tensor group to load: `weights` ("model" or "ema"), or with "auto" the one the run
+    validated (recorded), else the averaged weights when present."""
+    if weights == "auto":
+        if meta.validation is not None:
+            weights = meta.validation.weights
+        else:
+            weights = "ema" if "ema" in groups else "model"
+    if weights not in WEIGHT_GROUPS:
+        raise UserError(f"weights must be auto, model or ema, got {weights!r}")
+    return weights
+
+
+def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, CheckpointMeta]:
+    """Model (eval mode) and meta from a checkpoint; weights as in served_weights."""
     groups, meta = load_checkpoint(path)
     model = model_from_meta(meta)
-    group = weights
-    if weights == "auto":
-        group = "ema" if "ema" in groups else "model"
+    group = served_weights(groups, meta, weights)
     if group not in groups:
         raise UserError(f"{path}: checkpoint has no {group!r} weights")
     load_state_dict_strict(model, groups[group], source=str(path))

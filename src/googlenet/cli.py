@@ -160,10 +160,30 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--tta", default="none", choices=["none", "flip", "10crop", "144crop"], help="test crops"
     )
     p.add_argument("--out", default=None, help="report folder (default: CKPT's folder/eval-TTA)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per batch")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast + channels_last (faster)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch (default: as validated)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="a seeded class-stratified sample of N images"
+    )
+    _add_device_options(p, "as validated")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    p.add_argument(
+        "--weights", default="auto", choices=["auto", "model", "ema"],
+        help="weights to evaluate (auto: those the run validated)",
+    )  # fmt: skip
     p.set_defaults(func=_run_evaluate)
+
+
+def _add_device_options(p: argparse.ArgumentParser, precision_default: str) -> None:
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: CUDA when available)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+        help=f"autocast precision (default: {precision_default}; auto: bf16 where it is fast)",
+    )  # fmt: skip
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -174,9 +194,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    precision = "bf16" if args.bf16 else args.precision
     result = evaluate(
-        args.checkpoints, args.data, args.tta, args.batch_size, args.limit, bf16=args.bf16
-    )
+        args.checkpoints, args.data, args.tta, args.batch_size, args.limit,
+        precision=precision, device=args.device, weights=args.weights,
+    )  # fmt: skip
     name = f"eval-{args.tta}" if len(args.checkpoints) == 1 else f"eval-ensemble-{args.tta}"
     out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoints[0]).parent / name
     files = write_report(result, out)
@@ -192,6 +214,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="labels to show per image")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    _add_device_options(p, "auto")
     p.set_defaults(func=_run_predict)
 
 
@@ -202,7 +225,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    predictor = load(args.checkpoint)
+    predictor = load(args.checkpoint, device=args.device, precision=args.precision or "auto")
     failed = 0
     for path, pred, error in predict_files(predictor, args.paths, args.top_k, args.batch_size):
         if pred is None:
@@ -224,13 +247,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="format")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint)")
     p.add_argument("--data", default=None, help="data root, for the check on real images")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where the fp32 reference forward of the checks runs (auto: CUDA when available)",
+    )  # fmt: skip
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from googlenet.export import TOLERANCE, export_checkpoint
 
-    report = export_checkpoint(args.checkpoint, args.format, args.out, args.data)
+    report = export_checkpoint(
+        args.checkpoint, args.format, args.out, args.data, device=args.device
+    )
     for name, diff in report.diffs.items():
         print(f"check {name}: max |logit difference| {diff:.2e} (<= {TOLERANCE:g})")
     for note in report.notes:

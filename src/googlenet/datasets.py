@@ -32,7 +32,8 @@ from googlenet.transforms import (
     CIFAR100_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    read_image_resized,
+    Preprocess,
+    read_image,
 )
 
 DATA_ENV = "GOOGLENET_DATA"
@@ -58,6 +59,7 @@ class ArrayDataset:
     images: torch.Tensor  # uint8, N x 3 x H x W, RGB
     labels: torch.Tensor  # int64, N
     classes: list[str] = field(default_factory=list)  # class names, index = label
+    prepared: Preprocess | None = None  # the geometry already applied to the images (folders)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -76,7 +78,9 @@ class ArrayDataset:
     def subset(self, indices_or_n: int | Sequence[int] | torch.Tensor) -> ArrayDataset:
         """The first n samples (an int), or the samples at the given indices."""
         idx = _subset_index(indices_or_n, len(self))
-        return ArrayDataset(self.images[idx].contiguous(), self.labels[idx].clone(), self.classes)
+        return ArrayDataset(
+            self.images[idx].contiguous(), self.labels[idx].clone(), self.classes, self.prepared
+        )
 
     def get_images(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images at `idx` (the interface BatchLoader reads through)."""
@@ -94,11 +98,43 @@ def _subset_index(indices_or_n: int | Sequence[int] | torch.Tensor, n: int) -> t
     return idx
 
 
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified sample of n indices (sorted): each class gets its share of n
+    in proportion to its size (largest remainders), and at least one sample when n allows, so
+    a limit never drops whole classes the way "the first n of a sorted folder" does."""
+    total = len(labels)
+    if n <= 0 or n >= total:
+        return torch.arange(total)
+    ks, counts = labels.unique(return_counts=True)
+    share = counts.double() * n / total
+    take = share.floor().long()
+    if n >= len(ks):
+        take = take.clamp(min=1)
+    left = n - int(take.sum())
+    if left > 0:  # largest remainders first (ties: the smaller class index)
+        order = torch.argsort(share - share.floor(), descending=True, stable=True)
+        for i in order.tolist():
+            if left == 0:
+                break
+            if take[i] < counts[i]:
+                take[i] += 1
+                left -= 1
+    while int(take.sum()) > n:  # more classes than n: trim from the largest takes
+        take[int(take.argmax())] -= 1
+    g = torch.Generator().manual_seed(mix_seed(seed, 0x57A7))
+    chosen = []
+    for k, t in zip(ks.tolist(), take.tolist(), strict=True):
+        members = (labels == k).nonzero()[:, 0]
+        chosen.append(members[torch.randperm(len(members), generator=g)[:t]])
+    return torch.cat(chosen).sort().values
+
+
 class Dataset(Protocol):
     """What BatchLoader needs: a length, labels, and uint8 images for a batch of indices."""
 
     labels: torch.Tensor
     classes: list[str]
+    prepared: Preprocess | None  # geometry already applied to the stored images, if any
 
     def __len__(self) -> int: ...
 
@@ -385,32 +421,51 @@ def _default_workers() -> int:
     return min(8, (os.cpu_count() or 1) + 2)  # decoding releases the GIL; a little extra for I/O
 
 
+def _as_prepare(prepare: Preprocess | int) -> Preprocess:
+    if isinstance(prepare, Preprocess):
+        return prepare
+    if prepare < 1:
+        raise UserError(f"size must be >= 1, got {prepare}")
+    return Preprocess(prepare, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), prepare)
+
+
+def prepare_image(path: Path, prepare: Preprocess, draft: bool = False) -> torch.Tensor:
+    """One image file as stored for training/validation: decoded, then prepare's resize and
+    centre crop (uint8 3 x S x S). The same call evaluate makes, so the pixels are identical."""
+    side = prepare.resize or prepare.input_size
+    return prepare.pixels(read_image(path, side if draft else None).unsqueeze(0))[0]
+
+
 class ImageFolderDataset:
     """Images streamed from disk, decoded only when a batch asks for them (nothing up front).
 
-    `load_batch` is what BatchLoader reads through: it decodes and resizes each file to
-    size x size and reports the unreadable ones instead of failing; BatchLoader drops those from
-    the batch and calls `note_bad`, which warns once per file (naming it), counts it in `bad`,
-    and raises UserError once more than `max_bad` of the data set is unreadable. `load_batch`
-    keeps no state, so it runs unchanged in DataLoader worker processes."""
+    Each image is prepared when read (prepare_image: `prepared`'s resize and centre crop).
+    `load_batch` is what BatchLoader reads through: it decodes the files and reports the
+    unreadable ones instead of failing; BatchLoader drops those from the batch and calls
+    `note_bad`, which warns once per file (naming it), counts it in `bad`, and raises UserError
+    once more than `max_bad` of the data set is unreadable. `load_batch` keeps no state, so it
+    runs unchanged in DataLoader worker processes."""
 
     def __init__(
         self,
         paths: Sequence[Path],
         labels: torch.Tensor,
         classes: list[str],
-        size: int,
+        prepared: Preprocess | int,
         workers: int | None = None,
         max_bad: float = MAX_BAD,
         root: Path | None = None,
+        draft: bool = False,
     ) -> None:
         self.paths = list(paths)  # one file per sample
         self.labels = torch.as_tensor(labels, dtype=torch.int64)  # class index per sample
-        self.classes = classes  # class names (sub-folder names), index = label
-        self.size = size  # working side length every image is resized + centre-cropped to
+        self.classes = classes  # class names, index = label (the training classes)
+        self.prepared = _as_prepare(prepared)  # resize + centre crop applied to every image
+        self.size = self.prepared.input_size  # side of the stored square images
         self.workers = workers or _default_workers()  # decoding threads (in this process)
         self.max_bad = max_bad  # share of unreadable files tolerated
         self.root = root  # the folder, for messages
+        self.draft = draft  # JPEG draft decoding (faster; training images only)
         self.bad: dict[int, str] = {}  # index -> why it could not be read, as found
         self._pool: ThreadPoolExecutor | None = None
 
@@ -430,10 +485,11 @@ class ImageFolderDataset:
             [self.paths[i] for i in idx],
             self.labels[idx],
             self.classes,
-            self.size,
+            self.prepared,
             self.workers,
             self.max_bad,
             self.root,
+            self.draft,
         )
 
     def load_batch(
@@ -448,7 +504,7 @@ class ImageFolderDataset:
 
         def decode(j: int) -> None:
             try:
-                out[j] = read_image_resized(files[j], self.size)
+                out[j] = prepare_image(files[j], self.prepared, self.draft)
             except UserError as e:
                 errors[j] = str(e)
 
@@ -483,24 +539,62 @@ class ImageFolderDataset:
         return images
 
     def materialize(self) -> ArrayDataset:
-        """Every readable image decoded into memory (uint8 at the working size)."""
+        """Every readable image decoded into memory (uint8, prepared)."""
         idx = torch.arange(len(self))
         images, ok, errors = self.load_batch(idx)
         self.note_bad(idx[~ok], errors)
         if not ok.any():
             raise UserError(f"{self.root or 'image folder'}: no readable images")
-        return ArrayDataset(images, self.labels[ok], self.classes)
+        return ArrayDataset(images, self.labels[ok], self.classes, self.prepared)
+
+
+def map_classes(root: Path, subs: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """The training class index of each sub-folder of root (val/ matched by name): a class
+    without a sub-folder is a warning naming it, a sub-folder that is no class an error."""
+    index = {c: i for i, c in enumerate(classes)}
+    extra = [s for s in subs if s not in index]
+    if extra:
+        raise UserError(
+            f"{root}: sub-folder(s) {', '.join(extra)} are not training classes "
+            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+        )
+    missing = [c for c in classes if c not in subs]
+    if missing:
+        warnings.warn(
+            f"{root}: no images of class(es) {', '.join(missing)} (validated without them)",
+            stacklevel=3,
+        )
+    return [index[s] for s in subs]
+
+
+def list_image_folder(
+    root: Path, classes: Sequence[str] | None = None, cache_dir: str | Path | None = None
+) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """(files, labels, classes) of a folder of class sub-folders (listing.list_folder order:
+    by sub-folder, then name). With `classes` (the training classes, for val/) the labels are
+    those of the sub-folders' names (map_classes)."""
+    from googlenet.listing import list_folder
+
+    listing = list_folder(root, cache_dir)
+    labels = torch.tensor(listing.labels, dtype=torch.int64)
+    if classes is None:
+        return listing.paths(), labels, list(listing.classes)
+    remap = torch.tensor(map_classes(root, listing.classes, classes), dtype=torch.int64)
+    return listing.paths(), remap[labels] if len(labels) else labels, list(classes)
 
 
 def load_image_folder(
     root: str | Path,
     *,
-    size: int = 256,
+    size: Preprocess | int = 256,
+    classes: Sequence[str] | None = None,
     split: str = "all",
     val_fraction: float = 0.1,
+    limit: int = 0,
     seed: int = 0,
     max_bad: float = MAX_BAD,
     in_memory: bool = False,
+    draft: bool = False,
     workers: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> ImageFolderDataset | ArrayDataset:
@@ -509,31 +603,30 @@ def load_image_folder(
     Nothing is decoded here: the folder is only listed (listing.py; with `cache_dir` the listing
     is cached there, so a restart does not walk the tree again). Unreadable files are found when
     read, skipped with a warning naming them and counted; more than `max_bad` of them stops with
-    a UserError. `split` "train"/"val" takes a per-class seeded split of `val_fraction` for
-    validation ("all" = no split). Images are resized (shorter side) and centre-cropped to
-    size x size; in_memory decodes them all now into RAM (an ArrayDataset), otherwise batches
-    stream from disk.
+    a UserError. `size`: how images are prepared (a Preprocess's resize + centre crop, or an
+    int S for "shorter side S, centre S x S"). `classes`: the training classes (sub-folders
+    mapped by name, map_classes). `split` "train"/"val" takes a per-class seeded split of
+    `val_fraction` ("all" = no split); `limit` a seeded class-stratified sample. in_memory
+    decodes them all now into RAM (an ArrayDataset), otherwise batches stream from disk.
     """
-    from googlenet.listing import list_folder
-
     root = Path(root)
     if split not in ("all", "train", "val"):
         raise UserError(f"split must be 'all', 'train' or 'val', got {split!r}")
     if split != "all" and not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    if size < 1:
-        raise UserError(f"size must be >= 1, got {size}")
     if not 0 <= max_bad < 1:
         raise UserError(f"max_bad must be in [0, 1), got {max_bad}")
-    listing = list_folder(root, cache_dir)
-    paths = listing.paths()
-    labels_t = torch.tensor(listing.labels, dtype=torch.int64)
+    prepare = _as_prepare(size)
+    paths, labels_t, classes = list_image_folder(root, classes, cache_dir)
     if split != "all":
         keep = _split_indices(labels_t, val_fraction, seed, split == "val")
         paths, labels_t = [paths[i] for i in keep.tolist()], labels_t[keep]
+    if limit:
+        keep = stratified_indices(labels_t, limit, seed)
+        paths, labels_t = [paths[i] for i in keep.tolist()], labels_t[keep]
     if not paths:
         raise UserError(f"{root}: no image files in the class sub-folders")
-    ds = ImageFolderDataset(paths, labels_t, listing.classes, size, workers, max_bad, root)
+    ds = ImageFolderDataset(paths, labels_t, classes, prepare, workers, max_bad, root, draft)
     return ds.materialize() if in_memory else ds
 
 

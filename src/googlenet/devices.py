@@ -4,6 +4,7 @@ autocast dtype (bf16 on CPUs with AVX-512 bf16 and on GPUs that have it, fp16 ot
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -54,3 +55,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def make_runner(
+    model: torch.nn.Module,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function: normalised N x 3 x S x S batch -> float32 logits (on the CPU), running the
+    eval-mode model on `device` under autocast `dtype` (None: fp32), channels_last if asked."""
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval().to(device, memory_format=fmt)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        with autocast(device, dtype):
+            return model(x).float().cpu()
+
+    return run

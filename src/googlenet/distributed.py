@@ -54,3 +54,23 @@ def broadcast_buffers(module: nn.Module, d: Dist) -> None:
 
         for b in module.buffers():
             dist.broadcast(b, 0)
+
+
+def gather_by_index(index: Tensor, columns: list[Tensor], d: Dist) -> tuple[Tensor, ...]:
+    """Per-sample columns computed on every rank (rank r holds the samples `index`) -> all
+    samples on every rank, sorted by index: (index, *columns)."""
+    import torch
+
+    parts = [(index, *columns)]
+    if d.enabled:
+        import torch.distributed as dist
+
+        gathered: list = [None] * d.world_size
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    index = torch.cat([p[0] for p in parts])
+    order = index.argsort()
+    return (
+        index[order],
+        *(torch.cat([p[i] for p in parts])[order] for i in range(1, len(parts[0]))),
+    )

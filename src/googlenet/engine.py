@@ -14,6 +14,7 @@ each epoch, so `--resume` from `last` reproduces an uninterrupted run exactly on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import sys
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from googlenet.checkpoint import (
+    CheckpointMeta,
+    TrainingState,
+    Validation,
     atomic_write_text,
     load_checkpoint,
     load_state_dict_strict,
@@ -36,11 +40,18 @@ from googlenet.checkpoint import (
     save_checkpoint,
 )
 from googlenet.config import TrainConfig, to_toml
+from googlenet.datasets import stratified_indices
 from googlenet.devices import autocast, pick_device, pick_dtype
-from googlenet.distributed import Dist, all_reduce, broadcast_buffers, init_distributed
+from googlenet.distributed import (
+    Dist,
+    all_reduce,
+    broadcast_buffers,
+    gather_by_index,
+    init_distributed,
+)
 from googlenet.errors import UserError, note
 from googlenet.loader import BatchLoader
-from googlenet.metrics import HEAD_NAMES, Metrics
+from googlenet.metrics import HEAD_NAMES, VAL_PREDICTIONS, Metrics, write_predictions
 from googlenet.optim import (
     Lookahead,
     WeightAverage,
@@ -50,6 +61,7 @@ from googlenet.optim import (
     set_lr,
     whiten_conv1,
 )
+from googlenet.transforms import Preprocess, working_size
 
 
 class TrainingDiverged(UserError):
@@ -98,6 +110,16 @@ def _aux_taps(model: nn.Module) -> Iterator[dict[str, Tensor]]:
             h.remove()
 
 
+@dataclass
+class ValPredictions:
+    """Per-image results of a validation pass, in data-set order."""
+
+    index: Tensor  # sample index in the validation set
+    label: Tensor  # true class
+    pred: Tensor  # predicted class (main head)
+    prob: Tensor  # its softmax probability
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -107,14 +129,17 @@ def validate(
     dtype: torch.dtype | None,
     smoothing: float = 0.0,
     dist: Dist | None = None,
-) -> dict[str, float]:
+    predictions: bool = False,
+) -> tuple[dict[str, float], ValPredictions | None]:
     """Validation: the main output in eval() mode, the aux heads scored on the features
-    captured by hooks (also eval(): no dropout). Counts are reduced over every rank."""
+    captured by hooks (also eval(): no dropout). Counts are reduced over every rank; with
+    `predictions` the per-image results are gathered from every rank too."""
     d = dist or Dist()
     was_training = model.training
     model.eval()
     heads = 3 if getattr(model, "aux1", None) is not None else 1
     meter = Metrics(model.num_classes, heads, device=device)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
     with _aux_taps(model) as feats:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -123,9 +148,18 @@ def validate(
                 if heads == 3:
                     outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
             meter.update(outs, y, _losses(outs, y, smoothing))
+            if predictions:
+                prob, pred = torch.softmax(outs[0].float(), 1).max(1)
+                parts.append((y.cpu(), pred.cpu(), prob.cpu()))
     model.train(was_training)
     meter.reduce(lambda t: all_reduce(t, d))
-    return meter.row("val")
+    yielded = getattr(loader, "yielded", None)  # sample indices, as batches came (BatchLoader)
+    if not predictions or yielded is None:
+        return meter.row("val"), None
+    cols = [torch.cat([p[i] for p in parts]) if parts else torch.zeros(0) for i in range(3)]
+    index = torch.cat(yielded) if yielded else torch.zeros(0, dtype=torch.int64)
+    index, label, pred, prob = gather_by_index(index, cols, d)
+    return meter.row("val"), ValPredictions(index, label.long(), pred.long(), prob)
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -136,38 +170,54 @@ def _reseed(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**63))
 
 
-def _load_data(cfg: TrainConfig, data_root: str | Path | None, out: Path) -> tuple[Any, Any]:
+def _load_data(
+    cfg: TrainConfig, data_root: str | Path | None, prepare: Preprocess, out: Path
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(train set, validation set, what the validation set is) per cfg. Folder images are
+    listed (the listing cached in the run folder `out`) and prepared when read: training ones
+    as the working square (prepare.working()), validation ones exactly as `prepare` says, so
+    validation and `googlenet evaluate` see the same pixels."""
     from googlenet import datasets
 
     if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
         from googlenet.shards import load_shards
 
-        return load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
+        shards = load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
+        return shards[0], shards[1], {"dataset": "shards"}
     root = datasets.resolve_data_root(data_root or cfg.data_root or None)
     if cfg.dataset in ("cifar10", "cifar100"):
-        return (
-            # download=True: a fresh machine fetches the official archive (MD5-checked).
-            datasets.load_cifar(root, cfg.dataset, "train", download=True),
-            datasets.load_cifar(root, cfg.dataset, "test"),
-        )
+        # download=True: a fresh machine fetches the official archive (MD5-checked).
+        train_set = datasets.load_cifar(root, cfg.dataset, "train", download=True)
+        val_set = datasets.load_cifar(root, cfg.dataset, "test")
+        if cfg.limit_train:
+            train_set = train_set.subset(
+                stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
+            )
+        if cfg.limit_val:
+            val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
+        record = {"dataset": cfg.dataset, "split": "test", "root": str(root.resolve())}
+        return train_set, val_set, record | {"limit": cfg.limit_val, "seed": cfg.seed}
     if not (root / "train").is_dir():
         raise UserError(f"{root}: dataset 'folder' expects train/ and val/ sub-folders")
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
-    # Listed, not decoded; the listing is cached in the run folder for a restart.
-    size = _resize(cfg)
-    return (
-        datasets.load_image_folder(root / "train", size=size, cache_dir=out),
-        datasets.load_image_folder(val_dir, size=size, cache_dir=out),
-    )
+    train_set = datasets.load_image_folder(
+        root / "train", size=prepare.working(), limit=cfg.limit_train, seed=cfg.seed,
+        draft=True, cache_dir=out,
+    )  # fmt: skip
+    val_set = datasets.load_image_folder(
+        val_dir, size=prepare, classes=train_set.classes, limit=cfg.limit_val, seed=cfg.seed,
+        cache_dir=out,
+    )  # fmt: skip
+    record = {"dataset": "folder", "root": str(val_dir.resolve())}
+    return train_set, val_set, record | {"limit": cfg.limit_val, "seed": cfg.seed}
 
 
-def _resize(cfg: TrainConfig) -> int:
-    """Folder/shard images are decoded to this square: `resize`, else 8/7 of the input."""
-    from googlenet.model import get_spec
-
-    return cfg.resize or round((cfg.input_size or get_spec(cfg.variant).input_size) * 8 / 7)
+def _working_side(cfg: TrainConfig, size: int) -> int:
+    """Folder/shard images are stored as this square before the input_size crop: `resize`,
+    else transforms.working_size (8/7 of the input, offsets composing exactly)."""
+    return cfg.resize or working_size(size)
 
 
 def loader_workers(cfg: TrainConfig) -> int:
@@ -181,12 +231,32 @@ def loader_workers(cfg: TrainConfig) -> int:
     return max(1, min(16, per_rank - 1))
 
 
-def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
-    """build() arguments, as stored in the checkpoint's meta["model"]."""
+def _check_labels(cfg: TrainConfig, train_set: Any, val_set: Any) -> tuple[list[str], int]:
+    """(class names, num_classes), with num_classes checked against the data before any step."""
+    labels = getattr(train_set, "labels", None)  # streamed shards know only their classes
+    n_seen = int(labels.max()) + 1 if labels is not None and len(labels) else 0
+    classes = list(train_set.classes) or [str(i) for i in range(n_seen)]
+    num_classes = cfg.num_classes or len(classes)
+    if num_classes != len(classes) or n_seen > num_classes:
+        shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+        raise UserError(
+            f"config key 'num_classes': {num_classes}, but the training data has "
+            f"{len(classes)} classes ({shown})"
+        )
+    val_labels = getattr(val_set, "labels", None)
+    if val_labels is not None and len(val_labels) and int(val_labels.max()) >= num_classes:
+        raise UserError(f"validation labels go up to {int(val_labels.max())}, "
+                        f"but there are {num_classes} classes")  # fmt: skip
+    return classes, num_classes
+
+
+def model_args(cfg: TrainConfig, num_classes: int, transform_input: bool = False) -> dict[str, Any]:
+    """build() arguments, as stored in the checkpoint's meta.model (all of them that matter)."""
     args: dict[str, Any] = {
         "variant": cfg.variant,
         "num_classes": num_classes,
         "aux_logits": cfg.aux_logits,
+        "transform_input": transform_input,
     }
     if cfg.transform_input:
         args["transform_input"] = True
@@ -213,9 +283,14 @@ def _whiten(raw: nn.Module, train_set: Any, cfg: TrainConfig, size: int, mean, s
     """conv1 from the whitening of (at most 5,000) training images' patches, unaugmented."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     idx = torch.randperm(len(train_set), generator=g)[:5000]
-    loader = BatchLoader(train_set.subset(idx), len(idx), input_size=size, mean=mean, std=std)
+    pp = Preprocess(size, mean, std, size)
+    loader = BatchLoader(train_set.subset(idx), len(idx), preprocess=pp)
     x, _ = next(iter(loader))
     whiten_conv1(raw, x)
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def _all_finite(module: nn.Module) -> bool:
@@ -238,7 +313,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     train_loader: BatchLoader
     val_loader: BatchLoader
-    meta_base: dict[str, Any]  # checkpoint metadata that does not change during the run
+    meta_base: CheckpointMeta  # checkpoint metadata without the training state
     log: Any  # logs.RunLog
     progress: bool
     start_epoch: int = 0
@@ -253,7 +328,7 @@ class _Run:
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta_base["model"]["num_classes"])
+        return self.meta_base.num_classes
 
 
 def train(
@@ -299,8 +374,9 @@ def _train(
     for epoch in range(run.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         row = _train_epoch(run, epoch)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            row.update(_validate(run, epoch))
+        final = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or final:
+            row.update(_validate(run, epoch, final))
         row["epoch_s"] = time.perf_counter() - t0
         row["elapsed_s"] = elapsed_before + time.perf_counter() - t_run
         _checkpoint(run, epoch, row)
@@ -347,26 +423,46 @@ def _setup(
         raise UserError(
             f"config key 'batch_size': {cfg.batch_size} does not split over {d.world_size} ranks"
         )
+    from googlenet.model import get_spec
+
+    # What validation feeds the model; recorded in every checkpoint as it is used.
+    size = cfg.input_size or get_spec(cfg.variant).input_size
+    mean, std = norm_stats(cfg.dataset)
+    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std  # e.g. from an init checkpoint
+    stored = cfg.dataset in ("folder", "shards")  # kept as working squares, not whole files
+    if stored and _working_side(cfg, size) < size:
+        raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
+    val_pp = Preprocess(size, mean, std, _working_side(cfg, size) if stored else size)
+    val_record: dict[str, Any] = {"dataset": "given"}
     if train_set is None or val_set is None:
-        loaded = _load_data(cfg, data_root, out)
+        loaded = _load_data(cfg, data_root, val_pp, out)
         train_set = train_set if train_set is not None else loaded[0]
         val_set = val_set if val_set is not None else loaded[1]
-    if cfg.holdout:
+        val_record = loaded[2]
+    if cfg.holdout:  # validate on held-out training images, not the test set
         train_set, val_set = _hold_out(train_set, cfg.holdout, cfg.seed)
-    if cfg.limit_train:
-        train_set = train_set.subset(cfg.limit_train)
-    if cfg.limit_val:
-        val_set = val_set.subset(cfg.limit_val)
+        val_record = {"dataset": "holdout", "holdout": cfg.holdout, "seed": cfg.seed}
+    if train_set is not None and cfg.limit_train and val_record["dataset"] in ("given", "holdout"):
+        train_set = train_set.subset(
+            stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
+        )
+    if cfg.limit_val and val_record["dataset"] in ("given", "holdout"):
+        val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
+    # Images stored already prepared (folders, shards) only need the crop and normalisation.
+    prepared = getattr(val_set, "prepared", None)
+    loader_pp = val_pp
+    if prepared is not None:
+        val_pp = Preprocess(size, mean, std, prepared.resize)
+        loader_pp = Preprocess(size, mean, std, None)
+    elif cfg.dataset == "shards":
+        loader_pp = Preprocess(size, mean, std, None)
     per_rank = cfg.batch_size // d.world_size
     if len(train_set) < cfg.batch_size:
         raise UserError(
             f"config key 'batch_size': {cfg.batch_size} is larger than the "
             f"{len(train_set)} training images"
         )
-    classes = list(train_set.classes) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
-    num_classes = cfg.num_classes or len(classes)
-    mean, std = norm_stats(cfg.dataset)
-    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std
+    classes, num_classes = _check_labels(cfg, train_set, val_set)
 
     # Model: same seed on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
@@ -379,7 +475,6 @@ def _setup(
             note(line)
         init_record = report.record(finetune.checksum(init.path))
         del init
-    size = cfg.input_size or raw.spec.input_size
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
     apply_norm_options(cfg, raw)
@@ -406,40 +501,39 @@ def _setup(
         photometric=cfg.photometric,
         alternate_flip=cfg.alternate_flip,
     )
-    loader_kw = dict(input_size=size, mean=mean, std=std, device=device)
-    loader_kw.update(rank=d.rank, world_size=d.world_size, channels_last=cfg.channels_last)
-    streamed = not isinstance(train_set, ArrayDataset)  # decoded from files while training
-    if streamed:
+    loader_kw: dict[str, Any] = dict(device=device, rank=d.rank, world_size=d.world_size,
+                                     channels_last=cfg.channels_last)  # fmt: skip
+    if not isinstance(train_set, ArrayDataset):  # decoded from files while training
         loader_kw["workers"] = loader_workers(cfg)
-        if _resize(cfg) < size:
-            raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
     if cfg.dataset == "shards" and not isinstance(train_set, ArrayDataset):
         from googlenet.shards import ShardLoader
 
-        loader_cls: Any = functools.partial(ShardLoader, size=_resize(cfg))
+        loader_cls: Any = functools.partial(ShardLoader, size=_working_side(cfg, size))
     else:
         loader_cls = BatchLoader
     train_loader = loader_cls(
-        train_set, per_rank, augment=augment, shuffle=True, drop_last=True, seed=cfg.seed,
-        **loader_kw,
+        train_set, per_rank, preprocess=loader_pp, augment=augment, shuffle=True, drop_last=True,
+        seed=cfg.seed, **loader_kw,
     )  # fmt: skip
-    val_loader = loader_cls(val_set, per_rank, **loader_kw)
+    val_loader = loader_cls(val_set, per_rank, preprocess=loader_pp, **loader_kw)
 
-    meta_base = {
-        "model": args,
-        "classes": classes,
-        # streamed images were resized (shorter side) to _resize before the centre crop
-        "preprocess": {
-            "input_size": size,
-            "mean": list(mean),
-            "std": list(std),
-            "resize": _resize(cfg) if streamed else None,
-        },
-        "dataset": cfg.dataset,
-        "config": cfg.to_dict(),
-    }
+    provenance: dict[str, Any] = {"source": "train", "config": cfg.to_dict()}
     if init_record is not None:
-        meta_base["init"] = init_record
+        provenance["init"] = init_record
+    meta_base = CheckpointMeta(
+        model=args,
+        classes=classes,
+        preprocess=val_pp,
+        dataset=cfg.dataset,
+        provenance=provenance,
+        validation=Validation(
+            weights="ema" if avg is not None else "model",
+            precision=_precision_name(dtype),
+            batch_size=per_rank,
+            channels_last=cfg.channels_last,
+            data=val_record,
+        ),
+    )
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
@@ -539,16 +633,20 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     return row
 
 
-def _validate(run: _Run, epoch: int) -> dict[str, float]:
-    """Validation of the judged weights (the average when there is one) on every rank."""
+def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
+    """Validation of the judged weights (the average when there is one) on every rank; the
+    final one also writes val_predictions.csv."""
     broadcast_buffers(run.judged, run.d)
-    row = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
-                   smoothing=run.cfg.label_smoothing, dist=run.d)  # fmt: skip
+    row, preds = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
+                          smoothing=run.cfg.label_smoothing, dist=run.d,
+                          predictions=final)  # fmt: skip
     if not math.isfinite(row["val_loss"]):
         raise TrainingDiverged(
             f"validation loss is {row['val_loss']} after epoch {epoch + 1}; "
             f"{run.out / 'last.safetensors'} is the last good checkpoint"
         )
+    if preds is not None and run.d.main:
+        _write_val_predictions(run, preds)
     return row
 
 
@@ -559,15 +657,30 @@ def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
         run.best_acc, run.best_epoch = row["val_acc"], epoch + 1
     if not run.d.main:
         return
-    meta = dict(run.meta_base, epoch=epoch + 1, metrics=row)
-    meta["best"] = {"epoch": run.best_epoch, "val_acc": run.best_acc}
-    groups = _state_groups(run, meta)
+    state = TrainingState(epoch=epoch + 1, metrics=row,
+                          best={"epoch": run.best_epoch, "val_acc": run.best_acc})  # fmt: skip
+    groups = _state_groups(run, state)
+    meta = dataclasses.replace(run.meta_base, training=state)
     save_checkpoint(run.out / "last.safetensors", groups, meta)
     if improved:
         save_checkpoint(run.out / "best.safetensors", groups, meta)
     run.log.append(row, plot=True)
     if run.progress:
         print(_summary_line(row, run.cfg.epochs), file=sys.stderr, flush=True)
+
+
+def _write_val_predictions(run: _Run, preds: ValPredictions) -> None:
+    """RUN/val_predictions.csv: the final validation, one row per image."""
+    paths = getattr(run.val_loader.dataset, "paths", None)
+    write_predictions(
+        run.out / VAL_PREDICTIONS,
+        preds.index.tolist(),
+        [str(paths[i]) for i in preds.index.tolist()] if paths is not None else None,
+        preds.label.tolist(),
+        preds.pred.tolist(),
+        preds.prob.tolist(),
+        run.meta_base.classes,
+    )
 
 
 def _bar(total: int, epoch: int, epochs: int, enabled: bool):
@@ -599,63 +712,55 @@ def _summary_line(row: dict[str, Any], epochs: int) -> str:
 # --- checkpoint state ---------------------------------------------------------------------------
 
 
-def _state_groups(run: _Run, meta: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
-    """Tensor groups for save_checkpoint; JSON-able optimizer/averager state goes into meta."""
+def _state_groups(run: _Run, state: TrainingState) -> dict[str, dict[str, Tensor]]:
+    """Tensor groups for save_checkpoint; JSON-able optimizer/averager state goes into state."""
     raw, avg, scaler = run.raw, run.avg, run.scaler
-    optim_tensors, optim_rest = optimizer_state_to_tensors(run.opt)
+    optim_tensors, state.optim = optimizer_state_to_tensors(run.opt)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     groups = {"model": raw.state_dict(), "optim": optim_tensors, "rng": rng}
-    meta["optim"] = optim_rest
     if run.lookahead is not None:
         groups["lookahead"] = run.lookahead.state_tensors()
     if avg is not None:
         groups["ema"] = avg.module.state_dict()
-        meta["average"] = {"updates": avg.updates, "polyak": avg.polyak}
+        state.average = {"updates": avg.updates, "polyak": avg.polyak}
     if scaler.is_enabled():
-        meta["scaler"] = {k: v for k, v in scaler.state_dict().items() if not isinstance(v, Tensor)}
+        state.scaler = {k: v for k, v in scaler.state_dict().items() if not isinstance(v, Tensor)}
     return groups
 
 
 def _restore(run: _Run) -> tuple[int, float, int]:
     """Load last.safetensors into model/optimizer/averager; (epochs done, best acc, its epoch)."""
-    out, raw, opt, avg, scaler, meta_base = (
-        run.out,
-        run.raw,
-        run.opt,
-        run.avg,
-        run.scaler,
-        run.meta_base,
-    )
-    path = out / "last.safetensors"
+    path = run.out / "last.safetensors"
     if not path.is_file():
-        raise UserError(f"{path}: nothing to resume (no last checkpoint in {out})")
+        raise UserError(f"{path}: nothing to resume (no last checkpoint in {run.out})")
     groups, meta = load_checkpoint(path)
-    if meta.get("model") != meta_base["model"]:
+    if meta.model != run.meta_base.model:
         raise UserError(
-            f"{path}: the checkpoint's model {meta.get('model')} differs from this config's "
-            f"{meta_base['model']}; resume with the run's own config ({out / 'config.toml'})"
+            f"{path}: the checkpoint's model {meta.model} differs from this config's "
+            f"{run.meta_base.model}; resume with the run's own config ({run.out / 'config.toml'})"
         )
-    load_state_dict_strict(raw, groups["model"], source=str(path))
-    if "init" in meta:  # the run's provenance carries over
-        meta_base["init"] = meta["init"]
-    if "optim" not in groups and "optim" not in meta:
+    state = meta.training
+    if state is None or not state.optim:
         raise UserError(f"{path}: checkpoint has no optimizer state to resume from")
-    optimizer_state_from_tensors(opt, groups.get("optim", {}), meta["optim"])
+    if "init" in meta.provenance:  # the run's provenance carries over
+        run.meta_base.provenance["init"] = meta.provenance["init"]
+    load_state_dict_strict(run.raw, groups["model"], source=str(path))
+    optimizer_state_from_tensors(run.opt, groups.get("optim", {}), state.optim)
     if run.lookahead is not None:
         if "lookahead" not in groups:
             raise UserError(f"{path}: checkpoint has no lookahead state but this config has")
         run.lookahead.load_state_tensors(groups["lookahead"])
-    if avg is not None:
+    if run.avg is not None:
         if "ema" not in groups:
             raise UserError(f"{path}: checkpoint has no averaged weights but this config has")
-        load_state_dict_strict(avg.module, groups["ema"], source=str(path))
-        avg.updates = int(meta.get("average", {}).get("updates", 0))
-    if "scaler" in meta and scaler.is_enabled():
-        scaler.load_state_dict(meta["scaler"])
+        load_state_dict_strict(run.avg.module, groups["ema"], source=str(path))
+        run.avg.updates = int(state.average.get("updates", 0))
+    if state.scaler and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state.scaler)
     rng = groups.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
-    best = meta.get("best", {})
-    return int(meta["epoch"]), float(best.get("val_acc", -1.0)), int(best.get("epoch", 0))
+    best = state.best
+    return state.epoch, float(best.get("val_acc", -1.0)), int(best.get("epoch", 0))

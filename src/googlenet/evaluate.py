@@ -9,26 +9,27 @@ crops plus the whole square resized to S, and mirrors all of them (4 x 3 x 6 x 2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from googlenet.checkpoint import CheckpointMeta, load_model
+from googlenet.devices import make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
-from googlenet.metrics import EvalResult, Metrics
+from googlenet.metrics import EvalResult, Metrics, write_predictions
 from googlenet.transforms import (
     Preprocess,
-    center_crop,
-    normalize,
-    resize_shorter,
-    resize_square,
-    resized_shape,
-    to_float,
+    center_offset,
+    resample,
+    resized_crop_box,
+    resized_size,
 )
 
 TTA_MODES = ("none", "flip", "10crop", "144crop")
@@ -44,7 +45,7 @@ class View:
     """One test-time crop: resize the shorter side to `scale`, cut the `size` x `size` box at
     (top, left) of the resized image, resize it to the input size, mirror it if `flip`."""
 
-    scale: int  # shorter side of the resized image
+    scale: int | None  # shorter side of the resized image (None: not resized)
     top: int  # box position in the resized image
     left: int
     size: int  # box side (== input size, or a whole square that is resized down)
@@ -58,7 +59,7 @@ def _scaled(input_size: int, side_at_224: int) -> int:
 
 def _five(top: int, left: int, side: int, crop: int) -> list[tuple[int, int]]:
     """The 4 corners and the centre of a side x side square at (top, left), for crop x crop."""
-    far, mid = side - crop, (side - crop) // 2
+    far, mid = side - crop, center_offset(side, crop)
     corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
     return [(top + t, left + lf) for t, lf in corners]
 
@@ -68,32 +69,33 @@ def tta_views(
 ) -> list[View]:
     """Every crop of a TTA scheme for an image of height x width (before merging duplicates).
 
-    none: the plain preprocessing (shorter side to `resize` or S, centre crop S);
-    flip: that and its mirror; 10crop: 4 corners + centre of the image resized to `resize`
-    (S * 256/224 when None), and mirrors; 144crop: the paper's scheme (module docstring)."""
+    none: the plain preprocessing (shorter side to `resize`, centre crop S); flip: that and its
+    mirror; 10crop: 4 corners + centre of the image resized to `resize` (S * 256/224 when
+    None), and mirrors; 144crop: the paper's scheme (module docstring). Sizes and centres use
+    torchvision's rounding (transforms.resized_size, transforms.center_offset)."""
     if mode not in TTA_MODES:
         raise UserError(f"unknown TTA mode {mode!r}; expected one of {', '.join(TTA_MODES)}")
     s = input_size
     if mode in ("none", "flip"):
-        scale = resize or s
-        h, w = resized_shape(height, width, scale)
-        base = [View(scale, (h - s) // 2, (w - s) // 2, s)]
+        _, _, top, left = Preprocess(s, (0.0,) * 3, (1.0,) * 3, resize).crop_box(height, width)
+        base = [View(resize, top, left, s)]
     elif mode == "10crop":
         scale = resize or _scaled(s, TEN_CROP_SCALE)
-        h, w = resized_shape(height, width, scale)
+        h, w = resized_size(height, width, scale)
         # Corners of the whole resized image (not of a square), as torchvision's TenCrop.
-        corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
+        mid = (center_offset(h, s), center_offset(w, s))
+        corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), mid]
         base = [View(scale, t, lf, s) for t, lf in corners]
     else:
         base = []
         for side_at_224 in PAPER_SCALES:
             scale = _scaled(s, side_at_224)
-            h, w = resized_shape(height, width, scale)
+            h, w = resized_size(height, width, scale)
             side = min(h, w)
             if w >= h:  # landscape (or square): left, centre, right squares
-                squares = [(0, 0), (0, (w - side) // 2), (0, w - side)]
+                squares = [(0, 0), (0, center_offset(w, side)), (0, w - side)]
             else:  # portrait: top, centre, bottom squares
-                squares = [(0, 0), ((h - side) // 2, 0), (h - side, 0)]
+                squares = [(0, 0), (center_offset(h, side), 0), (h - side, 0)]
             for sq_top, sq_left in squares:
                 base += [View(scale, t, lf, s) for t, lf in _five(sq_top, sq_left, side, s)]
                 base.append(View(scale, sq_top, sq_left, side))  # whole square, resized to S
@@ -112,33 +114,24 @@ def merge_views(views: Iterable[View]) -> list[View]:
     return [View(*key, weight=w) for key, w in merged.items()]
 
 
-def _cut(resized: Tensor, v: View, input_size: int) -> Tensor:
-    crop = resized[..., v.top : v.top + v.size, v.left : v.left + v.size]
-    crop = resize_square(crop, input_size)
-    return crop.flip(-1) if v.flip else crop
+def _cut(x: Tensor, v: View, input_size: int) -> Tensor:
+    """The view's crop of a float N x 3 x H x W batch, resized to S x S (one resample)."""
+    n, _, h, w = x.shape
+    box = resized_crop_box(h, w, v.scale, v.top, v.left, v.size, n)
+    flip = torch.full((n,), v.flip) if v.flip else None
+    return resample(x, box, (input_size, input_size), flip)
 
 
 def iter_view_chunks(
     images: Tensor, views: Sequence[View], input_size: int, max_crops: int = 256
 ) -> Iterator[tuple[Tensor, list[View]]]:
     """Crops of a float 0..1 N x 3 x H x W batch, view-major ((k*N) x 3 x S x S: rows j*N..
-    (j+1)*N are view j), in chunks of about `max_crops` crops. Each scale is resized once."""
+    (j+1)*N are view j), in chunks of about `max_crops` crops."""
     n = images.shape[0]
     per_chunk = max(1, max_crops // max(n, 1))
-    resized: dict[int, Tensor] = {}
-    chunk: list[Tensor] = []
-    chunk_views: list[View] = []
-    for v in sorted(views, key=lambda v: v.scale):
-        if v.scale not in resized:
-            resized.clear()  # views are sorted by scale: drop the previous one
-            resized[v.scale] = resize_shorter(images, v.scale)
-        chunk.append(_cut(resized[v.scale], v, input_size))
-        chunk_views.append(v)
-        if len(chunk) >= per_chunk:
-            yield torch.cat(chunk), chunk_views
-            chunk, chunk_views = [], []
-    if chunk:
-        yield torch.cat(chunk), chunk_views
+    for i in range(0, len(views), per_chunk):
+        chunk = list(views[i : i + per_chunk])
+        yield torch.cat([_cut(images, v, input_size) for v in chunk]), chunk
 
 
 def tta_crops(
@@ -147,39 +140,16 @@ def tta_crops(
     """All crops of a TTA scheme (unmerged), as (views, N x V x 3 x S x S float 0..1)."""
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    x = to_float(images)
+    x = _to_float(images)
     views = tta_views(x.shape[-2], x.shape[-1], mode, input_size, resize)
-    crops = torch.stack([_cut(resize_shorter(x, v.scale), v, input_size) for v in views], 1)
-    return views, crops
+    return views, torch.stack([_cut(x, v, input_size) for v in views], 1)
+
+
+def _to_float(images: Tensor) -> Tensor:
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 # --- running models -------------------------------------------------------------------------
-
-
-@dataclass
-class Member:
-    """One model of an ensemble, with the preprocessing its checkpoint asks for."""
-
-    model: nn.Module  # eval-mode network returning logits
-    preprocess: Preprocess
-    name: str = ""  # checkpoint path, for messages
-    classes: list[str] = field(default_factory=list)
-    dataset: str | None = None  # meta["dataset"]
-
-
-def make_runner(model: nn.Module, bf16: bool = False) -> Callable[[Tensor], Tensor]:
-    """A function normalised batch -> float32 logits; bf16 autocast + channels_last if asked."""
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(x: Tensor) -> Tensor:
-        if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return model(x.contiguous(memory_format=torch.channels_last)).float()
-        return model(x).float()
-
-    return run
 
 
 def tta_probs(
@@ -191,16 +161,19 @@ def tta_probs(
 ) -> Tensor:
     """Softmax probabilities N x C of one model, averaged over the crops of a TTA scheme.
     `images`: uint8 (or 0..1 float) N x 3 x H x W, all of one size."""
-    x = to_float(images)
+    if mode in ("none", "flip"):  # exactly the checkpoint's preprocessing (and its mirror)
+        x = pp(images)
+        probs = torch.softmax(run(x), 1)
+        if mode == "flip":
+            probs = (probs + torch.softmax(run(x.flip(-1).contiguous()), 1)) / 2
+        return probs
+    x = _to_float(images)
     n = x.shape[0]
-    if mode == "none":  # the common case, without view bookkeeping
-        crop = center_crop(resize_shorter(x, pp.shorter_side), pp.input_size)
-        return torch.softmax(run(normalize(crop, pp.mean, pp.std).contiguous()), 1)
     views = merge_views(tta_views(x.shape[-2], x.shape[-1], mode, pp.input_size, pp.resize))
     total = sum(v.weight for v in views)
     acc: Tensor | None = None
     for crops, vs in iter_view_chunks(x, views, pp.input_size, max_crops):
-        probs = torch.softmax(run(normalize(crops, pp.mean, pp.std).contiguous()), 1)
+        probs = torch.softmax(run(pp.normalize(crops)), 1)
         w = torch.tensor([v.weight for v in vs], dtype=probs.dtype)
         part = (probs.view(len(vs), n, -1) * w.view(-1, 1, 1)).sum(0)
         acc = part if acc is None else acc + part
@@ -221,20 +194,29 @@ def ensemble_probs(
 
 # --- counting -------------------------------------------------------------------------------
 
+Batch = tuple[Tensor, Tensor, list[int]]  # uint8 images, labels, their sample indices
+
 
 def evaluate_batches(
     runners: Sequence[tuple[Callable[[Tensor], Tensor], Preprocess]],
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Batch],
     classes: list[str],
     mode: str = "none",
     max_crops: int = 256,
     **result_kw: Any,
 ) -> EvalResult:
-    """Evaluate an ensemble (one runner = one model) on (uint8 images, labels) batches."""
+    """Evaluate an ensemble (one runner = one model) on (uint8 images, labels, indices)
+    batches; the per-image predictions come back in sample order."""
     acc = Metrics(len(classes))
-    for images, labels in batches:
-        acc.update(ensemble_probs(runners, images, mode, max_crops), labels)
-    return acc.result(classes, tta=mode, **result_kw)
+    rows: list[tuple[int, int, int, float]] = []
+    for images, labels, ids in batches:
+        probs = ensemble_probs(runners, images, mode, max_crops)
+        acc.update(probs, labels)
+        prob, pred = probs.max(1)
+        rows += zip(ids, labels.tolist(), pred.tolist(), prob.tolist(), strict=True)
+    result = acc.result(classes, tta=mode, **result_kw)
+    result.predictions = sorted(rows)
+    return result
 
 
 # --- data sources ---------------------------------------------------------------------------
@@ -265,61 +247,86 @@ def folder_classes(root: Path, classes: list[str], dataset: str | None) -> dict[
 
 
 def folder_samples(root: Path, mapping: dict[str, int]) -> list[tuple[Path, int]]:
-    samples = []
-    for sub, label in sorted(mapping.items()):
-        for f in sorted((root / sub).rglob("*")):
-            if f.is_file() and not f.name.startswith("."):
-                samples.append((f, label))
+    """(file, label) for every file under the mapped sub-folders, in the order training lists
+    a folder (sub-folders sorted, files sorted)."""
+    from googlenet.listing import list_folder
+
+    listing = list_folder(root)  # the order training lists a folder in
+    paths = listing.paths()
+    samples = [
+        (paths[i], mapping[listing.classes[k]])
+        for i, k in enumerate(listing.labels)
+        if listing.classes[k] in mapping
+    ]
     if not samples:
         raise UserError(f"{root}: the class sub-folders hold no files")
     return samples
 
 
 def folder_batches(
-    samples: Sequence[tuple[Path, int]], batch_size: int, skipped: list[str]
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches of same-sized images read from files (a photo folder mixes sizes, so each
-    group of batch_size files is split by size); unreadable files go to `skipped`."""
+    samples: Sequence[tuple[Path, int]],
+    batch_size: int,
+    skipped: list[str],
+    prepare: Preprocess | None = None,
+) -> Iterator[Batch]:
+    """Batches read from files; unreadable files go to `skipped`. With `prepare` each image is
+    prepared as training prepares validation images (datasets.prepare_image: the same pixels),
+    otherwise a photo folder mixes sizes and each group of batch_size files is split by size."""
+    from googlenet.datasets import prepare_image
     from googlenet.transforms import read_image
 
     for i in range(0, len(samples), batch_size):
-        groups: dict[tuple[int, int], tuple[list[Tensor], list[int]]] = {}
-        for path, label in samples[i : i + batch_size]:
+        groups: dict[tuple[int, int], tuple[list[Tensor], list[int], list[int]]] = {}
+        for j, (path, label) in enumerate(samples[i : i + batch_size], start=i):
             try:
-                img = read_image(path)
+                img = prepare_image(path, prepare) if prepare else read_image(path)
             except (UserError, OSError, ValueError) as e:
                 skipped.append(str(e) if str(path) in str(e) else f"{path}: {e}")
                 print(f"googlenet evaluate: skipped {skipped[-1]}", file=sys.stderr)
                 continue
-            imgs, labels = groups.setdefault(tuple(img.shape[-2:]), ([], []))
+            imgs, labels, ids = groups.setdefault(tuple(img.shape[-2:]), ([], [], []))
             imgs.append(img)
             labels.append(label)
-        for imgs, labels in groups.values():
-            yield torch.stack(imgs), torch.tensor(labels)
+            ids.append(j)
+        for imgs, labels, ids in groups.values():
+            yield torch.stack(imgs), torch.tensor(labels), ids
 
 
-def array_batches(
-    images: Tensor, labels: Tensor, batch_size: int
-) -> Iterator[tuple[Tensor, Tensor]]:
+def array_batches(images: Tensor, labels: Tensor, batch_size: int) -> Iterator[Batch]:
     for i in range(0, images.shape[0], batch_size):
-        yield images[i : i + batch_size], labels[i : i + batch_size]
+        n = min(batch_size, images.shape[0] - i)
+        yield images[i : i + n], labels[i : i + n], list(range(i, i + n))
 
 
 # --- the whole evaluation -------------------------------------------------------------------
 
 
-def load_members(checkpoints: Sequence[str | Path]) -> list[Member]:
-    """Load checkpoints for an ensemble; they must share their class names."""
-    from googlenet.checkpoint import load_model
+@dataclass
+class Member:
+    """One model of an ensemble, with its checkpoint's metadata."""
 
+    model: nn.Module  # eval-mode network returning logits
+    meta: CheckpointMeta
+    name: str = ""  # checkpoint path, for messages
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.meta.preprocess
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+
+def load_members(checkpoints: Sequence[str | Path], weights: str = "auto") -> list[Member]:
+    """Load checkpoints for an ensemble (the weights each run validated, by default); they
+    must share their class names."""
     if not checkpoints:
         raise UserError("no checkpoint given")
     members = []
     for ckpt in checkpoints:
-        model, meta = load_model(ckpt)
-        classes = list(meta.get("classes") or [str(i) for i in range(model.num_classes)])
-        pp = Preprocess.from_meta(meta, str(ckpt))
-        members.append(Member(model, pp, str(ckpt), classes, meta.get("dataset")))
+        model, meta = load_model(ckpt, weights)
+        members.append(Member(model, meta, str(ckpt)))
     first = members[0]
     for m in members[1:]:
         if m.classes != first.classes:
@@ -333,32 +340,59 @@ def evaluate(
     checkpoints: Sequence[str | Path],
     data: str | Path | None = None,
     tta: str = "none",
-    batch_size: int = 100,
+    batch_size: int | None = None,
     limit: int | None = None,
-    bf16: bool = False,
+    precision: str | None = None,
+    device: str = "auto",
     max_crops: int = 256,
     members: Sequence[Member] | None = None,
+    weights: str = "auto",
 ) -> EvalResult:
-    """Evaluate one checkpoint, or the softmax-averaged ensemble of several, on the test split
-    of the checkpoints' data set (CIFAR via load_cifar, `data` = data root) or on an image
-    folder (`data` = a folder of class sub-folders named like the checkpoint's classes)."""
+    """Evaluate one checkpoint, or the softmax-averaged ensemble of several.
+
+    By default it reproduces the run's own validation as recorded in the checkpoint: the same
+    images (CIFAR test split or the validation folder, the same limit and seed), weights,
+    precision, batch size and memory format. `data` names another data root or a folder of
+    class sub-folders; `precision` (fp32 | bf16 | fp16 | auto), `batch_size`, `limit` and
+    `weights` override the recorded choices."""
+
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; expected one of {', '.join(TTA_MODES)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    members = list(members) if members is not None else load_members(checkpoints)
+    members = list(members) if members is not None else load_members(checkpoints, weights)
     first = members[0]
-    runners = [(make_runner(m.model, bf16), m.preprocess) for m in members]
+    val = first.meta.validation
+    recorded = val.data if val is not None and data is None else {}
+    batch_size = batch_size or (val.batch_size if val is not None and val.batch_size else 100)
+    seed = int(recorded.get("seed", 0))
+    limit = limit if limit is not None else (int(recorded.get("limit", 0)) or None)
+    dev = pick_device(device, what="--device")
+    runners = []
+    for m in members:
+        v = m.meta.validation
+        p = precision or (v.precision if v is not None else "fp32")
+        dtype = pick_dtype(p, dev, what="--precision")
+        channels_last = (
+            v.channels_last if v is not None and precision is None else dtype is not None
+        )
+        runners.append((make_runner(m.model, dev, dtype, channels_last), m.preprocess))
     kw: dict[str, Any] = {"checkpoints": [m.name for m in members]}
-    batches, total = eval_batches(first, data, batch_size, limit, kw)
+    # One preprocessing for every member and no crops of the whole image: folder files are
+    # prepared exactly as training prepared its validation images, then only normalised.
+    geometry = {(m.preprocess.resize, m.preprocess.input_size) for m in members}
+    prepare = first.preprocess if len(geometry) == 1 and tta in ("none", "flip") else None
+    batches, total, prepared = eval_batches(first, data, batch_size, limit, seed, kw, prepare)
+    if prepared:
+        runners = [(run, dataclasses.replace(pp, resize=None)) for run, pp in runners]
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=f"evaluate ({tta})", unit="img", disable=None, leave=False)
 
-    def counted(it: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in it:
-            yield images, labels
-            bar.update(len(labels))
+    def counted(it: Iterable[Batch]) -> Iterator[Batch]:
+        for batch in it:
+            yield batch
+            bar.update(len(batch[1]))
 
     try:
         return evaluate_batches(runners, counted(batches), first.classes, tta, max_crops, **kw)
@@ -371,41 +405,52 @@ def eval_batches(
     data: str | Path | None,
     batch_size: int,
     limit: int | None = None,
+    seed: int = 0,
     kw: dict[str, Any] | None = None,
-) -> tuple[Iterator[tuple[Tensor, Tensor]], int]:
-    """(uint8 images, labels) batches of the test split of the checkpoint's data set (CIFAR
-    under the data root `data`) or of a folder of class sub-folders, and their number; `limit`
-    keeps the first N (CIFAR) or N evenly spread files (folder). Skipped files go to kw."""
-    from googlenet.datasets import load_cifar, resolve_data_root
+    prepare: Preprocess | None = None,
+) -> tuple[Iterator[Batch], int, bool]:
+    """(uint8 images, labels, sample indices) batches, their number, and whether the images
+    come prepared by `prepare` (folders only): the recorded validation images of `first`'s run
+    when `data` is None and it recorded them, else the test split of its data set (CIFAR under
+    the data root `data`) or a folder of class sub-folders. `limit`: a seeded class-stratified
+    sample. Skipped files and the files' paths go into kw."""
+    from googlenet.datasets import load_cifar, resolve_data_root, stratified_indices
 
-    root = resolve_data_root(data)
-    is_folder = data is not None and root.is_dir() and _has_class_folders(root, first.classes)
-    if not is_folder and first.dataset in ("cifar10", "cifar100"):
-        ds = load_cifar(root, first.dataset, "test")
+    kw = kw if kw is not None else {}
+    val = first.meta.validation
+    recorded = val.data if val is not None and data is None else {}
+    root = resolve_data_root(recorded.get("root") if recorded else data)
+    kind = recorded.get("dataset")
+    is_folder = kind == "folder" or (
+        kind is None
+        and data is not None
+        and root.is_dir()
+        and _has_class_folders(root, first.classes)
+    )
+    if not is_folder and first.meta.dataset in ("cifar10", "cifar100"):
+        ds = load_cifar(root, first.meta.dataset, "test")
         if [_norm_name(c) for c in ds.classes] != [_norm_name(c) for c in first.classes]:
             raise UserError(
-                f"{first.name}: classes {first.classes} differ from {first.dataset}'s {ds.classes}"
+                f"{first.name}: classes {first.classes} differ from {first.meta.dataset}'s "
+                f"{ds.classes}"
             )
         if limit is not None:
-            ds = ds.subset(limit)
-        batches = array_batches(ds.images, ds.labels, batch_size)
-        total = len(ds)
-    else:
-        if not root.is_dir():
-            raise UserError(
-                f"{root}: no such folder; for a {first.dataset or 'folder'} checkpoint give "
-                "--data pointing at a folder of class sub-folders"
-            )
-        samples = folder_samples(root, folder_classes(root, first.classes, first.dataset))
-        if limit is not None and limit < len(samples):
-            step = len(samples) / max(limit, 1)  # evenly spread, so every class is seen
-            samples = [samples[int(i * step)] for i in range(limit)]
-        skipped: list[str] = []
-        if kw is not None:
-            kw["skipped"] = skipped
-        batches = folder_batches(samples, batch_size, skipped)
-        total = len(samples)
-    return batches, total
+            ds = ds.subset(stratified_indices(ds.labels, limit, seed))
+        return array_batches(ds.images, ds.labels, batch_size), len(ds), False
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: no such folder; for a {first.meta.dataset} checkpoint give "
+            "--data pointing at a folder of class sub-folders"
+        )
+    samples = folder_samples(root, folder_classes(root, first.classes, first.meta.dataset))
+    if limit is not None and limit < len(samples):
+        labels = torch.tensor([lbl for _, lbl in samples])
+        samples = [samples[i] for i in stratified_indices(labels, limit, seed).tolist()]
+    skipped: list[str] = []
+    kw["skipped"] = skipped
+    kw["paths"] = [str(p) for p, _ in samples]
+    batches = folder_batches(samples, batch_size, skipped, prepare)
+    return batches, len(samples), prepare is not None
 
 
 def _has_class_folders(root: Path, classes: list[str]) -> bool:
@@ -459,7 +504,14 @@ def write_report(result: EvalResult, out_dir: str | Path) -> list[Path]:
     atomic_write_text(confusion, json.dumps(cm) + "\n")
     png = out / "confusion.png"
     atomic_write_bytes(png, confusion_png(result))
-    return [metrics, confusion, png]
+    files = [metrics, confusion, png]
+    if result.predictions:
+        ids, true, pred, prob = (list(c) for c in zip(*result.predictions, strict=True))
+        paths = [result.paths[i] for i in ids] if result.paths else None
+        files.append(
+            write_predictions(out / "predictions.csv", ids, paths, true, pred, prob, result.classes)
+        )
+    return files
 
 
 def confusion_png(result: EvalResult) -> bytes:

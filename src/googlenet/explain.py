@@ -588,7 +588,7 @@ def explain_files(
     ablation.json/.png, features_<layer>.png when asked) into `out`; returns the paths."""
     from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
     from googlenet.inference import iter_image_files
-    from googlenet.transforms import preprocess_batch, read_image
+    from googlenet.transforms import read_image
 
     out = Path(out)
     model, pp = predictor.model, predictor.preprocess
@@ -601,7 +601,7 @@ def explain_files(
     resolve_layer(model, opts.block)  # fail early on a bad name
     x = torch.empty(0, 3, pp.input_size, pp.input_size)
     if files:
-        x = torch.stack([preprocess_batch(read_image(f).unsqueeze(0), pp)[0] for f in files])
+        x = torch.stack([pp(read_image(f)) for f in files])
     stems = stem_names(files)
     planned = ["branch_usage.json", "branch_usage.png", "filters.png"]
     planned += [f"gradcam_{s}.png" for s in stems]
@@ -689,15 +689,8 @@ def data_batches(
     """Normalised (x, labels) batches of the first `limit` test images of the checkpoint's data
     set (CIFAR under a data root) or of a folder of class sub-folders, evenly spread."""
     from googlenet.evaluate import Member, eval_batches
-    from googlenet.transforms import preprocess_batch
 
-    member = Member(
-        predictor.model,
-        predictor.preprocess,
-        "checkpoint",
-        predictor.classes,
-        predictor.meta.get("dataset"),
-    )
-    batches, _ = eval_batches(member, data, batch_size, limit)
-    for images, labels in batches:
-        yield preprocess_batch(images, predictor.preprocess), labels
+    member = Member(predictor.model, predictor.meta, "checkpoint")
+    batches, _, _ = eval_batches(member, data, batch_size, limit)
+    for images, labels, _ in batches:
+        yield predictor.preprocess(images), labels

@@ -6,9 +6,11 @@ onnx/onnxruntime are an optional extra (`pip install googlenet[onnx]`), imported
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from googlenet.checkpoint import CheckpointMeta
+from googlenet.devices import pick_device
 from googlenet.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
@@ -50,7 +54,7 @@ def _require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def onnx_bytes(model: nn.Module, input_size: int, meta: dict[str, Any] | None = None) -> bytes:
+def onnx_bytes(model: nn.Module, input_size: int, meta: CheckpointMeta | None = None) -> bytes:
     """The eval-mode model as ONNX (opset 17, dynamic batch axis), with the checkpoint's class
     names and preprocessing in the model's metadata_props."""
     onnx, _ = _require_onnx()
@@ -79,15 +83,16 @@ def onnx_bytes(model: nn.Module, input_size: int, meta: dict[str, Any] | None = 
     return proto.SerializeToString()
 
 
-def _meta_props(meta: dict[str, Any] | None) -> dict[str, str]:
-    if not meta:
+def _meta_props(meta: CheckpointMeta | None) -> dict[str, str]:
+    if meta is None:
         return {}
-    keep = {k: meta[k] for k in ("model", "classes", "preprocess", "dataset") if k in meta}
+    header = meta.to_header()
+    keep = {k: header[k] for k in ("model", "classes", "preprocess", "dataset")}
     return {"googlenet": json.dumps(keep)}
 
 
 def torchscript_bytes(
-    model: nn.Module, input_size: int, meta: dict[str, Any] | None = None
+    model: nn.Module, input_size: int, meta: CheckpointMeta | None = None
 ) -> bytes:
     """The eval-mode model traced to TorchScript, meta as extra file 'googlenet.json'."""
     model = model.eval()
@@ -130,15 +135,20 @@ def torchscript_runner(path: Path) -> Any:
 
 
 def verify(
-    model: nn.Module, run: Any, inputs: dict[str, Tensor], tolerance: float = TOLERANCE
+    model: nn.Module,
+    run: Any,
+    inputs: dict[str, Tensor],
+    tolerance: float = TOLERANCE,
+    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Max |logit difference| between `model` and an exported `run` per named input batch;
-    UserError when one exceeds `tolerance`."""
+    """Max |logit difference| between `model` (run in fp32 on `device`, TF32 off) and an
+    exported `run` per named input batch; UserError when one exceeds `tolerance`."""
     diffs = {}
-    model = model.eval()
+    device = torch.device(device)
+    model = model.eval().to(device)
     for name, x in inputs.items():
-        with torch.inference_mode():
-            ref = model(x).float()
+        with torch.inference_mode(), _strict_fp32():
+            ref = model(x.to(device)).float().cpu()
         got = run(x.contiguous()).float()
         if got.shape != ref.shape:
             raise UserError(
@@ -153,20 +163,30 @@ def verify(
     return diffs
 
 
-def real_inputs(meta: dict[str, Any], data: str | Path | None, n: int = 8) -> Tensor | None:
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """fp32 really: no TF32 convolutions or matmuls on a CUDA reference (the checks compare
+    logits to 1e-4)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
+def real_inputs(meta: CheckpointMeta, data: str | Path | None, n: int = 8) -> Tensor | None:
     """A few real test images, preprocessed as the checkpoint says (CIFAR test split when the
     checkpoint is a CIFAR one and the data is found), else None."""
     from googlenet.datasets import load_cifar, resolve_data_root
-    from googlenet.transforms import Preprocess, preprocess_batch
 
-    dataset = meta.get("dataset")
-    if dataset not in ("cifar10", "cifar100"):
+    if meta.dataset not in ("cifar10", "cifar100"):
         return None
     try:
-        ds = load_cifar(resolve_data_root(data), dataset, "test")
+        ds = load_cifar(resolve_data_root(data), meta.dataset, "test")
     except UserError:
         return None
-    return preprocess_batch(ds.images[:n], Preprocess.from_meta(meta))
+    return meta.preprocess(ds.images[:n])
 
 
 def export_model(
@@ -174,18 +194,20 @@ def export_model(
     out: str | Path,
     fmt: str,
     input_size: int,
-    meta: dict[str, Any] | None = None,
+    meta: CheckpointMeta | None = None,
     real: Tensor | None = None,
     tolerance: float = TOLERANCE,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> ExportReport:
-    """Export `model` to `out` (written atomically) and verify it: random batches of 1 and 3
-    (the batch axis is dynamic) and, when given, real preprocessed images."""
+    """Export `model` to `out` (written atomically) and verify it against the PyTorch model
+    on `device` (fp32): random batches of 1 and 3 (the batch axis is dynamic) and, when given,
+    real preprocessed images. The file itself is always made from a CPU copy."""
     from googlenet.checkpoint import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    model = model.eval()
+    model = model.eval().cpu()
     out = Path(out)
     data = (onnx_bytes if fmt == "onnx" else torchscript_bytes)(model, input_size, meta)
     atomic_write_bytes(out, data)
@@ -200,7 +222,7 @@ def export_model(
         inputs[f"real batch {real.shape[0]}"] = real
     else:
         report.notes.append("no real images found (CIFAR checkpoints use the test split)")
-    report.diffs = verify(model, run, inputs, tolerance)
+    report.diffs = verify(model, run, inputs, tolerance, device)
     return report
 
 
@@ -210,17 +232,20 @@ def export_checkpoint(
     out: str | Path | None = None,
     data: str | Path | None = None,
     tolerance: float = TOLERANCE,
+    device: str = "auto",
 ) -> ExportReport:
-    """Export a checkpoint's model (EMA weights when present) and verify the file."""
+    """Export a checkpoint's model (the weights its run validated) and verify the file, with
+    the reference forward on `device` (auto | cpu | cuda)."""
     from googlenet.checkpoint import load_model, resolve_checkpoint
-    from googlenet.transforms import Preprocess
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()  # fail before the slow part
     src = resolve_checkpoint(checkpoint)
+    dev = pick_device(device, what="--device")
     model, meta = load_model(src)
-    pp = Preprocess.from_meta(meta, str(src))
     target = Path(out) if out else src.with_name(src.stem + SUFFIX[fmt])
-    return export_model(model, target, fmt, pp.input_size, meta, real_inputs(meta, data), tolerance)
+    real = real_inputs(meta, data)
+    size = meta.preprocess.input_size
+    return export_model(model, target, fmt, size, meta, real, tolerance, device=dev)

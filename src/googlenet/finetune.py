@@ -87,7 +87,7 @@ class InitSource:
 
         pp = _field(self.meta, "preprocess")
         if not isinstance(pp, Preprocess):
-            pp = Preprocess.from_meta({"preprocess": pp}, str(self.path))
+            pp = Preprocess.from_dict(pp, str(self.path))
         return pp.input_size, list(pp.mean), list(pp.std)
 
 

@@ -1,8 +1,7 @@
 """Use a trained model: `googlenet.load(ckpt)` gives a Predictor that takes image files, PIL
 images or tensors and returns labels with probabilities.
 
-Preprocessing comes from the checkpoint's meta["preprocess"]: pixels to 0..1, shorter side
-resized to `resize` (or `input_size` when null), centre crop `input_size`, (x - mean) / std.
+Preprocessing is the checkpoint's `Preprocess` (transforms.py), exactly as validation used it.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from googlenet.checkpoint import CheckpointMeta
+from googlenet.devices import make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
-from googlenet.transforms import Preprocess, preprocess_batch, read_image
+from googlenet.transforms import Preprocess, read_image
 
 
 @dataclass
@@ -46,29 +47,33 @@ class Predictor:
     """A model with its class names and preprocessing, ready to classify images."""
 
     def __init__(
-        self, model: nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"
+        self,
+        model: nn.Module,
+        meta: CheckpointMeta,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        # device: auto | cpu | cuda (or a torch.device); precision: fp32 | bf16 | fp16 | auto
+        # (auto: bf16 autocast where the hardware runs it fast).
+        self.device = (
+            device if isinstance(device, torch.device) else pick_device(device, what="device")
+        )
+        self.dtype = pick_dtype(precision, self.device, what="precision")
+        self.model = model.eval()
         self.meta = meta
-        self.preprocess = Preprocess.from_meta(meta)
-        classes = meta.get("classes")
-        n = getattr(model, "num_classes", None)
-        if not classes:
-            classes = [str(i) for i in range(n or 0)]
-        if n is not None and len(classes) != n:
-            raise UserError(f"checkpoint lists {len(classes)} classes for a {n}-class model")
-        self.classes: list[str] = list(classes)
+        self.preprocess: Preprocess = meta.preprocess
+        self.classes: list[str] = list(meta.classes)
+        self._run = make_runner(
+            model, self.device, self.dtype, channels_last=self.dtype is not None
+        )
 
-    @torch.inference_mode()
     def predict_tensor(self, x: Tensor) -> Tensor:
         """Class probabilities (N x C, float32) for an already normalised N x 3 x S x S batch."""
-        logits = self.model(x.to(self.device, torch.float32))
-        return torch.softmax(logits.float(), dim=1).cpu()
+        return torch.softmax(self._run(x.float()), dim=1)
 
     def prepare(self, image: ImageLike) -> Tensor:
         """One image of any accepted kind -> the normalised 3 x S x S model input."""
-        return preprocess_batch(as_image_tensor(image).unsqueeze(0), self.preprocess)[0]
+        return self.preprocess(as_image_tensor(image))
 
     def predict(
         self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, batch_size: int = 32
@@ -114,13 +119,18 @@ def as_image_tensor(image: ImageLike) -> Tensor:
 
 
 def load(
-    checkpoint: str | Path, device: str | torch.device = "cpu", weights: str = "auto"
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    weights: str = "auto",
+    precision: str = "fp32",
 ) -> Predictor:
-    """Load a checkpoint (file or run folder) as a Predictor: `googlenet.load(p).predict(x)`."""
+    """Load a checkpoint (file or run folder) as a Predictor: `googlenet.load(p).predict(x)`.
+    weights: auto (what the run validated) | model | ema; device: auto | cpu | cuda;
+    precision: fp32 | bf16 | fp16 | auto."""
     from googlenet.checkpoint import load_model
 
     model, meta = load_model(checkpoint, weights=weights)
-    return Predictor(model, meta, device)
+    return Predictor(model, meta, device, precision)
 
 
 def iter_image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -160,7 +170,7 @@ def predict_files(
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"
             yield path, None, msg
             continue
-        pending.append((path, preprocess_batch(img.unsqueeze(0), predictor.preprocess)[0]))
+        pending.append((path, predictor.preprocess(img)))
         if len(pending) >= batch_size:
             yield from flush()
     yield from flush()

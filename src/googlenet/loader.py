@@ -8,14 +8,14 @@ copy of a dataset never exists. Order and augmentation come from a torch.Generat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from googlenet.augment import Augment, crop_flip, cutout, photometric, scale_aspect_boxes
 from googlenet.errors import UserError
-from googlenet.transforms import resample_matrix
+from googlenet.transforms import Preprocess, full_box, resample
 
 if TYPE_CHECKING:
     from googlenet.datasets import Dataset
@@ -44,9 +44,7 @@ class BatchLoader:
         dataset: Dataset,
         batch_size: int,
         *,
-        input_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        preprocess: Preprocess,
         augment: Augment | None = None,
         shuffle: bool = False,
         drop_last: bool = False,
@@ -59,15 +57,12 @@ class BatchLoader:
     ) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
-        if input_size < 1:
-            raise UserError(f"input size must be >= 1, got {input_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise UserError(f"mean and std need 3 values with std > 0, got {mean} and {std}")
         self.dataset = dataset
         self.batch_size = batch_size
-        self.input_size = input_size
+        self.preprocess = preprocess  # validation: exactly this; training: its size and stats
+        self.input_size = preprocess.input_size
         self.augment = augment
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -78,8 +73,8 @@ class BatchLoader:
         # files (they have load_batch); 0: decode in this process when the batch is needed.
         self.workers = workers
         self.epoch = 0
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose order and augmentation the next iteration produces."""
@@ -115,6 +110,7 @@ class BatchLoader:
             pg = torch.Generator().manual_seed(mix_seed(self.seed, 2))
             phase = torch.rand(len(self.dataset), generator=pg) < 0.5
         batches = [idx[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        self.yielded: list[torch.Tensor] = []  # sample indices of the batches, as yielded
         for b, (images, ok, errors) in zip(batches, self._fetch(batches), strict=True):
             if errors:  # unreadable files: dropped from the batch, counted by the data set
                 self.dataset.note_bad(b[~ok], errors)  # type: ignore[attr-defined]
@@ -122,6 +118,7 @@ class BatchLoader:
                 if not len(b):
                     continue
             flip = None if phase is None else phase[b] ^ bool(self.epoch % 2)
+            self.yielded.append(b)
             yield self.transform(images, g, flip), labels[b].to(self.device)
 
     def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, Any, list]]:
@@ -149,58 +146,41 @@ class BatchLoader:
     def transform(
         self, images: torch.Tensor, g: torch.Generator, flip: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """uint8 B x 3 x H x W -> augmented, resized, normalised float32 B x 3 x S x S.
+        """uint8 B x 3 x H x W -> normalised float32 B x 3 x S x S: exactly `preprocess` without
+        augmentation; with it, augmented and resized to S (`flip`: given per-sample flips).
 
-        Pixel-wise work (photometric, normalisation, cutout) runs at the source resolution and
-        the resize comes last: resampling weights sum to 1, so normalising first is exact and the
-        224 x 224 batch is written once."""
+        Augmented, pixel-wise work (photometric, normalisation, cutout) runs at the source
+        resolution and the resize comes last: resampling weights sum to 1, so normalising
+        first is exact and the S x S batch is written once."""
         aug = self.augment
         x = images.to(self.device, non_blocking=True)
+        if aug is None:
+            x = self.preprocess(x)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         b, _, h, w = x.shape
         size = self.input_size
-        if flip is None and aug is not None and aug.flip:
+        if flip is None and aug.flip:
             flip = torch.rand(b, generator=g) < 0.5
         box = None
-        if aug is not None and aug.scale_aspect:
+        if aug.scale_aspect:
             box = scale_aspect_boxes(b, h, w, aug.min_area, g)
         else:
-            # A source larger than the input is cropped to it (random when augmenting, else
-            # the centre), as the checkpoint's "resize, then centre-crop" preprocess says.
+            # A source larger than the input is randomly cropped to it (images are stored at
+            # the working size: the whole image at the target scale, see datasets.py).
             crop = (min(h, size), min(w, size))
-            if aug is not None and (aug.crop_padding or flip is not None or crop != (h, w)):
+            if aug.crop_padding or flip is not None or crop != (h, w):
                 x = crop_flip(x, aug.crop_padding, flip, aug.padding_mode, g, crop)
                 flip = None  # done
-            elif crop != (h, w):
-                top, left = (h - crop[0]) // 2, (w - crop[1]) // 2
-                x = x[:, :, top : top + crop[0], left : left + crop[1]]
             b, _, h, w = x.shape
         x = x.float().mul_(1 / 255)
-        if aug is not None and aug.photometric:
+        if aug.photometric:
             x = photometric(x, aug.jitter, aug.lighting, g)
         x = (x - self.mean) / self.std
-        if aug is not None and aug.cutout:
+        if aug.cutout:
             x = cutout(x, aug.cutout, torch.zeros(3, device=self.device), g)
         if box is not None or (h, w) != (size, size):
-            if box is None:
-                box = (
-                    torch.zeros(b),
-                    torch.zeros(b),
-                    torch.full((b,), float(w)),
-                    torch.full((b,), float(h)),
-                )
-            x0, y0, cw, ch = box
-            wy = resample_matrix(y0, ch, h, size).to(self.device)
-            wx = resample_matrix(x0, cw, w, size)
-            if flip is not None:
-                wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-            wx = wx.to(self.device)
-            # Crop + flip + resize as two batched matmuls: Wy @ (x @ Wx^T).
-            t = torch.matmul(x, wx[:, None].transpose(2, 3))  # b x 3 x h x size
-            if self.channels_last:  # write the big output directly as b x size x size x 3
-                t = t.permute(0, 2, 3, 1).reshape(b, h, size * 3)
-                x = torch.bmm(wy, t).view(b, size, size, 3).permute(0, 3, 1, 2)
-            else:
-                x = torch.matmul(wy[:, None], t)
+            box = box if box is not None else full_box(b, h, w)
+            x = resample(x, box, (size, size), flip, self.channels_last)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

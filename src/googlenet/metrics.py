@@ -4,8 +4,11 @@ confusion matrix; reduced over DDP ranks on demand."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,9 @@ class EvalResult:
     tta: str = "none"
     checkpoints: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # unreadable files (folder evaluation)
+    paths: list[str] = field(default_factory=list)  # file of each sample index (folders)
+    predictions: list[tuple[int, int, int, float]] = field(default_factory=list)
+    # per image, in sample order: (index, true class, predicted class, its probability)
 
     @property
     def n(self) -> int:
@@ -135,3 +141,36 @@ class Metrics:
         """The main head's counts as an EvalResult."""
         topk = {k: int(self.sums[0, 1 + j].item()) for j, k in enumerate(self.ks)}
         return EvalResult(list(classes), self.confusion.cpu().clone(), topk, **kw)
+
+
+VAL_PREDICTIONS = "val_predictions.csv"  # in a run folder: the final validation, per image
+PREDICTION_COLUMNS = ("index", "path", "true", "predicted", "probability")
+
+
+def write_predictions(
+    path: Path,
+    index: Sequence[int],
+    paths: Sequence[str] | None,
+    true: Sequence[int],
+    predicted: Sequence[int],
+    prob: Sequence[float],
+    classes: Sequence[str],
+) -> Path:
+    """Per-image results as CSV (atomically): index in the data set, file path (empty for
+    in-memory data), true and predicted class names, the predicted class's probability."""
+    from googlenet.checkpoint import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PREDICTION_COLUMNS)
+    for j, i in enumerate(index):
+        source = paths[j] if paths is not None else ""
+        w.writerow([i, source, classes[true[j]], classes[predicted[j]], f"{prob[j]:.6f}"])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def read_predictions(path: Path) -> list[dict[str, str]]:
+    """The rows of a predictions CSV written by write_predictions."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

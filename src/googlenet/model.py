@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
+from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Paper, Table 1: (name, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj).
 # A max-pool 3x3/2 precedes 4a and 5a (maxpool3, maxpool4).
@@ -296,8 +297,8 @@ class GoogLeNet(nn.Module):
 
     def _transform_input(self, x: Tensor) -> Tensor:
         # torchvision's ported weights expect (x - 0.5) / 0.5 per channel, not ImageNet stats.
-        mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (x * std + mean - 0.5) / 0.5
 
     def forward(self, x: Tensor) -> GoogLeNetOutputs | Tensor:

@@ -168,7 +168,6 @@ def build_report(
     from googlenet.inference import load
     from googlenet.logs import read_jsonl
     from googlenet.metrics import EvalResult
-    from googlenet.transforms import preprocess_batch
 
     t0 = time.perf_counter()
     run = Path(run)
@@ -177,7 +176,7 @@ def build_report(
     predictor = load(checkpoint or run)
     meta, classes = predictor.meta, predictor.classes
     cfg_path = run / "config.toml"
-    cfg: dict[str, Any] = dict(meta.get("config") or {})
+    cfg: dict[str, Any] = meta.config
     if cfg_path.is_file():
         cfg = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
     rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
@@ -185,13 +184,14 @@ def build_report(
     notes: list[str] = []
 
     # Summary and config
-    best = meta.get("best") or {}
+    best = meta.training.best if meta.training is not None else {}
+    epoch = meta.training.epoch if meta.training is not None else "?"
     summary = [
         ["run", str(run)],
-        ["variant", meta.get("model", {}).get("variant", "?")],
-        ["data set", meta.get("dataset", "?")],
+        ["variant", meta.variant],
+        ["data set", meta.dataset],
         ["epochs run", len(rows)],
-        ["best epoch", best.get("epoch", meta.get("epoch", "?"))],
+        ["best epoch", best.get("epoch", epoch)],
         ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
     ]
     parts.append("<h2>Summary</h2>" + _table(summary))
@@ -253,7 +253,7 @@ def build_report(
         if images is None:
             notes.append("the validation images are not here (give --data): no picture grids")
         else:
-            x_all = preprocess_batch(images, predictor.preprocess)
+            x_all = predictor.preprocess(images)
             raw = images.float() / 255 if images.dtype == torch.uint8 else images
             tiles = [
                 (

@@ -160,7 +160,6 @@ def create_app(
             "pip install 'googlenet[serve]'"
         ) from None
     from googlenet import explain as E
-    from googlenet.transforms import preprocess_batch
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-model")
     batcher = Batcher(predictor.predict_tensor, executor, batch_window_ms / 1000, max_batch)
@@ -220,7 +219,7 @@ def create_app(
             raise UploadError(413, f"{name}: over the {max_bytes:,}-byte limit")
         loop = asyncio.get_running_loop()
         img = await loop.run_in_executor(None, decode_upload, data, name, max_pixels)
-        x = preprocess_batch(img.unsqueeze(0), predictor.preprocess)[0]
+        x = predictor.preprocess(img)
         return x, name
 
     @app.get("/", response_class=HTMLResponse)

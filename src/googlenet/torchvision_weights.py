@@ -58,9 +58,9 @@ def has_aux(state: dict[str, Tensor]) -> bool:
 def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
     """Convert torchvision's GoogLeNet weights to OUT_DIR/best.safetensors (strict load: a file
     with missing, extra or wrongly shaped keys is rejected with a message listing them)."""
-    from googlenet.checkpoint import load_state_dict_strict, save_checkpoint
+    from googlenet.checkpoint import CheckpointMeta, load_state_dict_strict, save_checkpoint
     from googlenet.model import build
-    from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
     src = Path(path)
     state = read_state_dict(src)
@@ -68,22 +68,16 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
     model_args = {"variant": "bn", "num_classes": 1000, "aux_logits": aux, "transform_input": True}
     model = build("bn", num_classes=1000, aux_logits=aux, transform_input=True)
     load_state_dict_strict(model, state, source=str(src))
-    meta = {
-        "model": model_args,
-        "classes": imagenet_classes(),
-        "preprocess": {
-            "input_size": 224,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "resize": 256,
-        },
-        "dataset": "imagenet",
-        "config": {
+    meta = CheckpointMeta(
+        model=model_args,
+        classes=imagenet_classes(),
+        # torchvision's evaluation transform: Resize(256), CenterCrop(224), ImageNet stats.
+        preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, resize=256),
+        dataset="imagenet",
+        provenance={
             "source": "torchvision",
             "file": src.name,
             "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
         },
-        "epoch": 0,
-        "metrics": {},
-    }
+    )
     return save_checkpoint(Path(out_dir) / CHECKPOINT_NAME, {"model": model.state_dict()}, meta)

@@ -8,14 +8,12 @@ normalises with.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
@@ -71,108 +69,43 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, draft: int | None = None) -> torch.Tensor:
     """An image file as uint8 3 x H x W RGB (EXIF orientation applied; grey, RGBA, palette,
-    CMYK and 16-bit converted). UserError naming the file when it is missing or unreadable."""
+    CMYK and 16-bit converted). UserError naming the file when it is missing or unreadable.
+    draft: a JPEG may be decoded at a reduced scale whose sides stay >= draft (much faster;
+    for training images only, since the pixels differ slightly from a full decode)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
-    return _pil_to_tensor(_open_rgb(path))
+    return _pil_to_tensor(_open_rgb(path, draft))
 
 
 def read_image_resized(
-    path: str | Path | bytes, size: int, name: str | None = None
+    path: str | Path | bytes, size: int, name: str | None = None, draft: bool = False
 ) -> torch.Tensor:
-    """An image file (or its bytes, called `name` in errors) resized so its shorter side is
-    `size`, centre-cropped to size x size."""
-    im = _open_rgb(path if isinstance(path, bytes) else Path(path), draft=size, name=name)
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return _pil_to_tensor(im.crop((left, top, left + size, top + size)))
+    """An image file (or its bytes, called `name` in errors) as the size x size centre square
+    of the image resized so its shorter side is `size` (Preprocess geometry and resampling;
+    JPEG draft decoding if asked: faster, slightly different pixels)."""
+    im = _open_rgb(path if isinstance(path, bytes) else Path(path), size if draft else None, name)
+    square = Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size)
+    return square.pixels(_pil_to_tensor(im).unsqueeze(0))[0]
 
 
 # --- preprocessing ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """How a checkpoint's model expects its input (meta["preprocess"])."""
-
-    input_size: int  # side of the square crop fed to the model
-    mean: tuple[float, float, float]  # per-channel mean on the 0..1 scale
-    std: tuple[float, float, float]  # per-channel std on the 0..1 scale
-    resize: int | None = None  # shorter side before the centre crop; None: input_size
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any], source: str = "checkpoint") -> Preprocess:
-        pp = meta.get("preprocess")
-        if not isinstance(pp, dict):
-            raise UserError(f"{source}: checkpoint metadata has no 'preprocess' section")
-        try:
-            return cls(
-                input_size=int(pp["input_size"]),
-                mean=tuple(float(v) for v in pp["mean"]),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in pp["std"]),  # type: ignore[arg-type]
-                resize=None if pp.get("resize") is None else int(pp["resize"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{source}: bad 'preprocess' metadata {pp!r}: {e}") from e
-
-    @property
-    def shorter_side(self) -> int:
-        return self.resize or self.input_size
-
-
-def to_float(images: Tensor) -> Tensor:
-    """uint8 0..255 -> float32 0..1; float input is taken as already on the 0..1 scale."""
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-
-
-def resize_shorter(images: Tensor, size: int) -> Tensor:
-    """Resize a float N x 3 x H x W batch so its shorter side is `size`, keeping the aspect."""
-    h, w = images.shape[-2:]
-    new = resized_shape(h, w, size)
-    if new == (h, w):
-        return images
-    return F.interpolate(images, size=new, mode="bilinear", align_corners=False, antialias=True)
-
-
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h, w) after resizing the shorter side to `size`, keeping the aspect ratio."""
-    if min(height, width) == size:
-        return height, width
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the shorter side to `size`, torchvision's Resize(int) rule: the
+    shorter side becomes `size`, the longer one int(size * long / short) (truncated)."""
     if height <= width:
-        return size, max(1, round(width * size / height))
-    return max(1, round(height * size / width)), size
+        return size, int(size * width / height)
+    return int(size * height / width), size
 
 
-def resize_square(images: Tensor, size: int) -> Tensor:
-    """Resize a float N x 3 x H x W batch to size x size (no-op when already that size)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-
-
-def center_crop(images: Tensor, size: int) -> Tensor:
-    h, w = images.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return images[..., top : top + size, left : left + size]
-
-
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = images.new_tensor(mean).view(-1, 1, 1)
-    s = images.new_tensor(std).view(-1, 1, 1)
-    return (images - m) / s
-
-
-def preprocess_batch(images: Tensor, pp: Preprocess) -> Tensor:
-    """uint8 (or 0..1 float) N x 3 x H x W -> the normalised N x 3 x S x S model input."""
-    x = resize_shorter(to_float(images), pp.shorter_side)
-    return normalize(center_crop(x, pp.input_size), pp.mean, pp.std).contiguous()
+def center_offset(length: int, crop: int) -> int:
+    """Offset of a centred crop, torchvision's CenterCrop rule: int(round((length - crop) / 2))
+    (Python's round: halves go to the even neighbour)."""
+    return round((length - crop) / 2.0)
 
 
 def resample_matrix(
@@ -188,3 +121,165 @@ def resample_matrix(
     dist = (torch.arange(n_in) + 0.5)[None, None, :] - centre[:, :, None]
     w = (1 - dist.abs() / support).clamp_(min=0)
     return w / w.sum(2, keepdim=True)
+
+
+Box = tuple[Tensor, Tensor, Tensor, Tensor]  # per sample: x0, y0, width, height (source pixels)
+
+
+def resample(
+    x: Tensor,
+    box: Box,
+    out: tuple[int, int],
+    flip: Tensor | None = None,
+    channels_last: bool = False,
+) -> Tensor:
+    """THE resize: the `box` window of each float image in `x` (N x C x H x W) resampled to
+    out = (height, width), optionally mirrored per sample, as two batched matmuls
+    Wy @ (x @ Wx^T). Every resize and crop in the package (preprocessing, augmentation, TTA)
+    goes through here."""
+    b, _, h, w = x.shape
+    x0, y0, cw, ch = box
+    wy = resample_matrix(y0, ch, h, out[0]).to(x.device)
+    wx = resample_matrix(x0, cw, w, out[1])
+    if flip is not None:
+        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
+    wx = wx.to(x.device)
+    t = torch.matmul(x, wx[:, None].transpose(2, 3))  # b x C x h x out_w
+    if channels_last:  # write the big output directly as b x out_h x out_w x C
+        c = t.shape[1]
+        t = t.permute(0, 2, 3, 1).reshape(b, h, out[1] * c)
+        return torch.bmm(wy, t).view(b, out[0], out[1], c).permute(0, 3, 1, 2)
+    return torch.matmul(wy[:, None], t)
+
+
+def full_box(b: int, h: int, w: int) -> Box:
+    """The whole image as a resample box, for b samples."""
+    z = torch.zeros(b)
+    return z, z, torch.full((b,), float(w)), torch.full((b,), float(h))
+
+
+def resized_crop_box(
+    h: int, w: int, scale: int | None, top: int, left: int, size: int, b: int = 1
+) -> Box:
+    """The source window of the size x size crop at (top, left) of the image resized so its
+    shorter side is `scale` (None: not resized)."""
+    rh, rw = resized_size(h, w, scale) if scale else (h, w)
+    sy, sx = h / rh, w / rw
+    return (
+        torch.full((b,), left * sx),
+        torch.full((b,), top * sy),
+        torch.full((b,), size * sx),
+        torch.full((b,), size * sy),
+    )
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """0..255 float -> uint8, rounded (as PIL and torchvision round a resized image)."""
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become the model's input, stored in every checkpoint as validation used it:
+    resize the shorter side to `resize` (None: no resize), centre-crop input_size x input_size,
+    scale to 0..1, (x - mean) / std. Geometry follows torchvision's Resize(int) + CenterCrop
+    rounding (resized_size, center_offset), so imported ImageNet weights see the pixels they
+    were evaluated with; the resized image is rounded to uint8 as PIL/torchvision do."""
+
+    input_size: int  # side of the square crop fed to the model
+    mean: tuple[float, float, float]  # per-channel mean on the 0..1 scale
+    std: tuple[float, float, float]  # per-channel std on the 0..1 scale
+    resize: int | None = None  # shorter side before the centre crop; None: no resize
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.input_size < 1:
+            raise UserError(f"preprocess: input_size must be >= 1, got {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError(
+                f"preprocess: mean and std need 3 values with std > 0, got {self.mean} and "
+                f"{self.std}"
+            )
+        if self.resize is not None and self.resize < self.input_size:
+            raise UserError(
+                f"preprocess: resize {self.resize} is smaller than the {self.input_size}-pixel crop"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+        }
+
+    @classmethod
+    def from_dict(cls, pp: Any, source: str = "checkpoint") -> Preprocess:
+        if not isinstance(pp, dict):
+            raise UserError(f"{source}: 'preprocess' must be a table, got {pp!r}")
+        try:
+            return cls(
+                input_size=int(pp["input_size"]),
+                mean=tuple(float(v) for v in pp["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in pp["std"]),  # type: ignore[arg-type]
+                resize=None if pp.get("resize") is None else int(pp["resize"]),
+            )
+        except KeyError as e:
+            raise UserError(f"{source}: 'preprocess' has no field {e}") from e
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: bad 'preprocess' {pp!r}: {e}") from e
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, top, left) of the centre crop for an image."""
+        rh, rw = resized_size(height, width, self.resize) if self.resize else (height, width)
+        if min(rh, rw) < self.input_size:
+            raise UserError(
+                f"image {height}x{width} is smaller than the {self.input_size}-pixel crop "
+                "(and preprocessing does not resize)"
+            )
+        return rh, rw, center_offset(rh, self.input_size), center_offset(rw, self.input_size)
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """N x 3 x H x W images of one size -> their uint8 N x 3 x S x S centre crops, resized
+        first and rounded to 8 bits (as PIL and torchvision round a resized image). Float
+        images (0..1) are rounded to 8 bits first, so both kinds give the same pixels."""
+        if images.dtype != torch.uint8:
+            images = to_uint8(images.float() * 255)
+        n, _, h, w = images.shape
+        rh, rw, top, left = self.crop_box(h, w)
+        s = self.input_size
+        if (rh, rw) == (h, w):  # no resampling: a plain crop, as torchvision skips the resize
+            return images[..., top : top + s, left : left + s]
+        box = resized_crop_box(h, w, self.resize, top, left, s, n)
+        return to_uint8(resample(images.float(), box, (s, s)))
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """uint8 (0..255) or float (0..1) pixels -> (x / 255 - mean) / std, float32 (float
+        pixels, e.g. test-time crops, are used as they are)."""
+        x = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels.float()
+        m = x.new_tensor(self.mean).view(-1, 1, 1)
+        s = x.new_tensor(self.std).view(-1, 1, 1)
+        return ((x - m) / s).contiguous()
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """uint8 (0..255) or float (0..1) N x 3 x H x W images of one size (or one 3 x H x W)
+        -> the normalised float32 model input N x 3 x S x S: pixels(), then normalize()."""
+        if images.dim() == 3:
+            return self(images.unsqueeze(0))[0]
+        return self.normalize(self.pixels(images))
+
+    def working(self) -> Preprocess:
+        """The preprocessing that keeps what this one crops from: a square of side `resize`
+        (the whole resized image's centre), unnormalised; used to store images once so that
+        this preprocessing (or random crops of input_size) can be applied later."""
+        side = self.resize or self.input_size
+        return Preprocess(side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), side)
+
+
+def working_size(input_size: int) -> int:
+    """The shorter side images are resized to before an input_size crop: the ImageNet ratio
+    256/224, rounded so that (side - input_size) / 2 is even. Then cropping input_size from a
+    stored side x side centre square gives the same pixels as cropping it from the whole
+    resized image (torchvision's half-to-even rounding of the offset composes exactly)."""
+    return input_size + 4 * round(input_size / 28)
