@@ -214,7 +214,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="labels to show per image")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    _add_device_options(p, "auto")
+    _add_device_options(p, "fp32, as googlenet.load and serve")
     p.set_defaults(func=_run_predict)
 
 
@@ -225,7 +225,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    predictor = load(args.checkpoint, device=args.device, precision=args.precision or "auto")
+    predictor = load(args.checkpoint, device=args.device, precision=args.precision or "fp32")
     failed = 0
     for path, pred, error in predict_files(predictor, args.paths, args.top_k, args.batch_size):
         if pred is None:
