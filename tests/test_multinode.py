@@ -64,7 +64,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, monkeypatch):
 
     a, meta_a = load_checkpoint(single / "last.safetensors")
     b, meta_b = load_checkpoint(out / "last.safetensors")
-    assert meta_b["epoch"] == 2 and meta_b["config"]["batch_size"] == 16
+    assert meta_b.training.epoch == 2 and meta_b.config["batch_size"] == 16
     for k, w in a["model"].items():
         # float sums run in a different order: allow 1e-3 of the tensor's scale
         assert (b["model"][k] - w).abs().max() <= 1e-3 * w.abs().max() + 1e-7, k
@@ -72,7 +72,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, monkeypatch):
     args = model_args(resolve_config(overrides=sets), 4)
     init = build(args.pop("variant"), **args).state_dict()
     assert any(not torch.equal(init[k], w) for k, w in b["model"].items())
-    ma, mb = meta_a["metrics"], meta_b["metrics"]
+    ma, mb = meta_a.training.metrics, meta_b.training.metrics
     assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=1e-4)
     assert mb["val_acc"] == pytest.approx(ma["val_acc"])  # 10 val images split 5 + 5
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 writes
