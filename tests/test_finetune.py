@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -226,8 +227,9 @@ def test_resume_restores_its_own_checkpoint_not_the_init(tmp_path):
     assert result.epochs == 2 and len(result.history) == 2
     _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert meta.provenance["init"]["reinitialised"] == ["fc.weight", "fc.bias"]
+    fresh = dataclasses.replace(again, out=str(tmp_path / "fresh"))  # (a held run is refused)
     with pytest.raises(UserError, match="init.safetensors"):  # a fresh start applies init
-        train(again, **data)
+        train(fresh, **data)
 
 
 @pytest.mark.parametrize(

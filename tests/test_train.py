@@ -87,8 +87,10 @@ def test_checkpoint_round_trip_follows_the_meta_schema(tmp_path):
         assert torch.equal(v, groups["ema"][k]), k
         assert torch.equal(v, result.model.state_dict()[k]), k
     assert not all(torch.equal(groups["model"][k], groups["ema"][k]) for k in groups["model"])
-    # a fresh run into the same folder starts a fresh log
-    train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
+    # a fresh run into the same folder is refused; with overwrite it starts a fresh log
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
+    train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False, overwrite=True)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -184,8 +186,10 @@ def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
     last.write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match=r"last\.safetensors"):
         load_model(last)
-    with pytest.raises(UserError, match="nothing to resume"):
-        train(tiny_cfg(tmp_path / "fresh", "epochs=1"), progress=False, resume=True, **data)
+    # nothing to resume yet: the run starts from the beginning, with a note
+    with pytest.warns(UserWarning, match="no checkpoint yet"):
+        fresh = train(tiny_cfg(tmp_path / "fresh", "epochs=1"), progress=False, resume=True, **data)
+    assert fresh.history[-1]["epoch"] == 1
 
 
 def test_paper_variant_with_aux_rejects_small_input(tmp_path):

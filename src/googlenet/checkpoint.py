@@ -5,16 +5,22 @@ readable copy of that JSON is written beside it. One writer (save_checkpoint), o
 reader (load_checkpoint / CheckpointMeta.from_header), which also reads format /1.
 
 No pickle anywhere: loading a checkpoint never runs code. Writes are atomic (temp file,
-fsync, rename), so a killed run leaves the previous checkpoint intact.
+fsync, rename), so a killed run leaves the previous checkpoint intact. safetensors has no
+checksum, so a SHA-256 of the tensor data is stored in the header metadata and verified on
+every load: a flipped bit on disk is an error naming the file, not silently different weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from googlenet.errors import UserError
+from googlenet.errors import UserError, note
 from googlenet.transforms import Preprocess
 
 FORMAT = "googlenet-checkpoint/2"
@@ -50,6 +56,8 @@ class TrainingState:
     """Where a training run stands, kept apart from what the model is (for --resume and logs)."""
 
     epoch: int = 0  # epochs completed
+    step: int = 0  # steps done in the next epoch (a mid-epoch checkpoint), else 0
+    elapsed_s: float = 0.0  # training seconds so far, over every process that ran it
     metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's log row
     best: dict[str, Any] = field(default_factory=dict)  # {"epoch", "val_acc"} of best.safetensors
     optim: dict[str, Any] = field(default_factory=dict)  # optimizer state that is not tensors
@@ -170,25 +178,91 @@ def _sub(kind: type, value: Any, source: str, name: str) -> Any:
     return kind(**value)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+SHA_KEY = "googlenet-sha256"  # safetensors metadata: SHA-256 of the tensor data (after the header)
+_SHA_PLACEHOLDER = "0" * 64
+SLOW_WRITE_ENV = "GOOGLENET_SLOW_WRITE_S"  # tests: seconds to stall inside each checkpoint write
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
     try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write(path: Path, f: Any, data: bytes | memoryview) -> None:
+    """Write all of `data` to the open temp file `f` (one place, so tests can inject faults)."""
+    delay = float(os.environ.get(SLOW_WRITE_ENV) or 0)
+    if delay and path.suffix == ".safetensors":  # stall half-way, so a test can kill us here
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        time.sleep(delay)
+        data = memoryview(data)[half:]
+    f.write(data)
+
+
+def atomic_write_bytes(
+    path: str | Path, data: bytes | memoryview, keep_previous: str | Path | None = None
+) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never half.
+
+    With keep_previous, the file being replaced is kept under that name (replacing it), and
+    `path` exists at every moment. The new file gets the mode the umask gives (as open()
+    would), not mkstemp's 0600. A failed write (e.g. a full disk) removes its temp file,
+    leaves `path` as it was, and raises a UserError naming the file and the cause."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from e
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write(path, f, data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.is_file():
+            _keep(path, Path(keep_previous))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"{path}: cannot write ({e.strerror or e}); the previous {path.name} (if any) "
+                "is unchanged"
+            ) from e
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    except OSError:
+        return
     try:
         os.fsync(dfd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
     finally:
         os.close(dfd)
+
+
+def _keep(path: Path, previous: Path) -> None:
+    """previous := path, leaving path in place (a hard link, renamed over previous)."""
+    link = previous.with_name(f".{previous.name}.link.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:  # no hard links here (some network/FAT file systems): copy instead
+        link.unlink(missing_ok=True)
+        shutil.copyfile(path, link)
+        os.replace(link, previous)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -196,10 +270,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, groups: Mapping[str, Mapping[str, Tensor]], meta: CheckpointMeta
+    path: str | Path,
+    groups: Mapping[str, Mapping[str, Tensor]],
+    meta: CheckpointMeta,
+    keep_previous: str | Path | None = None,
 ) -> Path:
     """The one writer: tensor groups ({"model": state_dict, "ema": ..., ...}) and `meta`,
-    atomically, plus a readable JSON copy of the header beside it."""
+    atomically, with the SHA-256 of the tensor data, plus a readable JSON copy of the header
+    beside it. keep_previous: keep the file being replaced under that name (a fallback when the
+    new one turns out damaged)."""
     if not isinstance(meta, CheckpointMeta):
         raise TypeError(f"meta must be a CheckpointMeta, got {type(meta).__name__}")
     path = Path(path)
@@ -209,10 +288,25 @@ def save_checkpoint(
             # safetensors refuses shared or non-contiguous storage: give each tensor its own.
             flat[f"{group}/{name}"] = t.detach().to("cpu").contiguous().clone()
     header = meta.to_header()
-    data = st_save(flat, metadata={META_KEY: json.dumps(header)})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, checkpoint_bytes(flat, json.dumps(header)), keep_previous)
     atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
     return path
+
+
+def checkpoint_bytes(flat: Mapping[str, Tensor], meta_json: str) -> bytes | bytearray:
+    """The safetensors file: tensors plus metadata {META_KEY: meta_json, SHA_KEY: sha256}."""
+    data = st_save(dict(flat), metadata={META_KEY: meta_json, SHA_KEY: _SHA_PLACEHOLDER})
+    n = int.from_bytes(data[:8], "little")
+    # The tensor data follows the header and does not depend on it, so hash it and put the
+    # digest where the placeholder is (same length: no offset moves, no second serialisation).
+    digest = hashlib.sha256(memoryview(data)[8 + n :]).hexdigest()
+    token = f'"{SHA_KEY}":"{_SHA_PLACEHOLDER}"'.encode()
+    at = data.find(token, 8, 8 + n)
+    if at < 0 or data.find(token, at + 1, 8 + n) >= 0:  # another JSON layout: serialise again
+        return st_save(dict(flat), metadata={META_KEY: meta_json, SHA_KEY: digest})
+    out = bytearray(data)
+    out[at : at + len(token)] = f'"{SHA_KEY}":"{digest}"'.encode()
+    return out
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -229,30 +323,71 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], CheckpointMeta]:
-    """Read a checkpoint: (tensor groups, meta). A damaged or foreign file gives a UserError
-    naming it (and the missing field)."""
+    """Read a checkpoint: (tensor groups, meta). A damaged file (cut short, a corrupt header,
+    tensor data that fails its SHA-256) gives a UserError naming it."""
     p = resolve_checkpoint(path)
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror or e})") from e
+    bad = f"{p}: not a readable googlenet checkpoint"
+    if len(raw) < 8:
+        raise UserError(f"{bad} ({len(raw)} bytes: truncated, or not a safetensors file)")
+    n = int.from_bytes(raw[:8], "little")
+    if n > len(raw) - 8:
+        raise UserError(
+            f"{bad} (header of {n} bytes in a {len(raw)}-byte file: truncated or corrupt)"
+        )
+    try:
+        layout = json.loads(raw[8 : 8 + n])
+        metadata = layout.get("__metadata__") or {}
+        if META_KEY not in metadata:
+            raise UserError(
+                f"{p}: a safetensors file without googlenet metadata (not a checkpoint)"
+            )
+        header = json.loads(metadata[META_KEY])
+        need = max(
+            (int(v["data_offsets"][1]) for k, v in layout.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # JSON, layout
+        raise UserError(f"{bad} (corrupt header: {type(e).__name__}: {e})") from e
+    if len(raw) - 8 - n < need:
+        raise UserError(f"{bad} (truncated: {len(raw) - 8 - n} of {need} bytes of tensor data)")
+    want = metadata.get(SHA_KEY)
+    if want is None:
+        note(f"{p}: written by an older version without a checksum; its data is not verified")
+    elif hashlib.sha256(memoryview(raw)[8 + n :]).hexdigest() != want:
+        raise UserError(
+            f"{p}: tensor data does not match the checkpoint's SHA-256 (the file was damaged "
+            "on disk or in transfer)"
+        )
     try:
         flat = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorsError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"{p}: not a readable googlenet checkpoint (truncated or corrupt: {e})"
-        ) from e
-    if META_KEY not in metadata:
-        raise UserError(f"{p}: a safetensors file without googlenet metadata (not a checkpoint)")
-    try:
-        header = json.loads(metadata[META_KEY])
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: checkpoint metadata is not valid JSON ({e})") from e
+    except (SafetensorsError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{bad} (truncated or corrupt: {e})") from e
     meta = CheckpointMeta.from_header(header, str(p))
     groups: dict[str, dict[str, Tensor]] = {}
     for key, t in flat.items():
         group, _, name = key.partition("/")
         groups.setdefault(group, {})[name] = t
     return groups, meta
+
+
+@contextlib.contextmanager
+def bad_metadata(path: str | Path) -> Iterator[None]:
+    """Metadata with the wrong types (a damaged or foreign header) as a UserError naming the
+    checkpoint, instead of whatever TypeError the code reading it meets."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise UserError(
+            f"{path}: checkpoint metadata not understood ({type(e).__name__}: {e})"
+        ) from e
 
 
 def model_from_meta(meta: CheckpointMeta) -> nn.Module:
@@ -280,7 +415,8 @@ def served_weights(groups: Mapping[str, Any], meta: CheckpointMeta, weights: str
 def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, CheckpointMeta]:
     """Model (eval mode) and meta from a checkpoint; weights as in served_weights."""
     groups, meta = load_checkpoint(path)
-    model = model_from_meta(meta)
+    with bad_metadata(path):
+        model = model_from_meta(meta)
     group = served_weights(groups, meta, weights)
     if group not in groups:
         raise UserError(f"{path}: checkpoint has no {group!r} weights")
@@ -294,9 +430,20 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], source
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or extra or bad:
+    # load_state_dict would cast silently; integer data in a float weight is not a model
+    kind = [
+        k
+        for k in own
+        if k in state and own[k].dtype.is_floating_point != state[k].dtype.is_floating_point
+    ]
+    if missing or extra or bad or kind:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", bad)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", extra),
+            ("wrong shape", bad),
+            ("wrong dtype", kind),
+        ):
             if keys:
                 shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
                 parts.append(f"{len(keys)} {label} keys: {shown}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from googlenet.errors import UserError, note
 
 DEFAULT_RECIPE = "cifar10-fast"
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar10", "cifar100", "folder", "shards"),
@@ -57,6 +59,7 @@ class TrainConfig:
     limit_val: int = 0  # use only the first N validation images (0: all)
     mean: list[float] = field(default_factory=list)  # per-channel mean (0..1); []: data set's
     std: list[float] = field(default_factory=list)  # per-channel std (0..1); []: data set's
+    max_bad_images: float = 0.01  # folder data: unreadable images are skipped up to this share
     # --- augmentation (training only) ---
     crop_padding: int = 4  # random crop after zero-padding by this many pixels (0: off)
     flip: bool = True  # random horizontal flip
@@ -110,6 +113,7 @@ class TrainConfig:
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 1  # validate every N epochs (and always after the last)
     holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
+    checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
     out: str = ""  # run folder; empty: runs/<recipe>
 
     # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by
@@ -147,7 +151,12 @@ class TrainConfig:
             "warmup_min_steps",
             "lookahead_every",
             "holdout",
+            "checkpoint_every_s",
         )
+        for f in fields(self):  # inf/nan in any float key is a typo or an overflow
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"config key {f.name!r}: must be a finite number, got {value}")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"config key {key!r}: must be > 0, got {getattr(self, key)}")
@@ -163,7 +172,14 @@ class TrainConfig:
             )
         if not 0 < self.bn_momentum <= 1:
             raise UserError(f"config key 'bn_momentum': must be in (0, 1], got {self.bn_momentum}")
-        for key in ("warmup", "label_smoothing", "ema_decay", "momentum", "lookahead_decay"):
+        for key in (
+            "warmup",
+            "label_smoothing",
+            "ema_decay",
+            "momentum",
+            "lookahead_decay",
+            "max_bad_images",
+        ):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be in [0, 1), got {getattr(self, key)}")
         if self.loader_workers < -1:
@@ -201,6 +217,19 @@ class TrainConfig:
             raise UserError(
                 f"config key 'freeze': unknown block {self.freeze!r}; expected one of "
                 f"{', '.join(BLOCKS)} (the names googlenet summary prints)"
+            )
+        for key in ("dropout", "aux_dropout"):  # negative: the variant's default
+            if getattr(self, key) >= 1:
+                raise UserError(
+                    f"config key {key!r}: must be in [0, 1) (or negative for the variant's "
+                    f"default), got {getattr(self, key)}"
+                )
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"config key 'seed': must be in [0, 2**63), got {self.seed}")
+        if not RECIPE_NAME.fullmatch(self.recipe):
+            raise UserError(
+                f"config key 'recipe': {self.recipe!r} is not a recipe name (letters, digits, "
+                "'.', '_', '-'); it names the default run folder runs/<recipe>"
             )
         if self.ema and self.polyak:
             raise UserError("config keys 'ema' and 'polyak' are exclusive; set one to false")
@@ -270,10 +299,19 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+
+
 def recipe_values(name: str) -> dict[str, Any]:
     """The raw key/values of a shipped recipe."""
     path = resources.files("googlenet") / "recipes" / f"{name}.toml"
-    if not path.is_file():
+    if name not in list_recipes() or not path.is_file():
         raise UserError(f"unknown recipe {name!r}; expected one of {', '.join(list_recipes())}")
     return _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")
 
@@ -316,12 +354,16 @@ def resolve_config(
         path = Path(config_file)
         if not path.is_file():
             raise UserError(f"{path}: no such config file")
-        values = _read_toml(path.read_text(encoding="utf-8"), str(path))
+        values = _read_toml(_read_text(path), str(path))
         base = values.get("recipe", DEFAULT_RECIPE)
         if not isinstance(base, str):
             raise UserError(f"{path}: config key 'recipe': expected str, got {base!r}")
-        if base in list_recipes():  # a file may start from a recipe and change a few keys
-            _apply(cfg, recipe_values(base), f"recipe {base!r}")
+        if base not in list_recipes():
+            raise UserError(
+                f"{path}: config key 'recipe': unknown base recipe {base!r}; expected one of "
+                f"{', '.join(list_recipes())}"
+            )
+        _apply(cfg, recipe_values(base), f"recipe {base!r}")  # the file changes a few keys
         _apply(cfg, values, str(path))
         user.update(k for k in values if k != "recipe")
     else:

@@ -327,6 +327,9 @@ class _FolderReader:
         return str(self.folder / member)
 
 
+MAX_MEMBER = 256 << 20  # bytes; the largest CIFAR file (CIFAR-100 train.bin) is 154 MB
+
+
 class _TarReader:
     """Reads the batch files straight out of an official .tar.gz (one pass, nothing extracted)."""
 
@@ -337,11 +340,17 @@ class _TarReader:
             with tarfile.open(archive, "r:*") as tar:
                 for m in tar:
                     if m.isfile() and m.name.startswith(folder + "/"):
+                        if m.size > MAX_MEMBER:  # read into memory: refuse a bomb unread
+                            raise UserError(
+                                f"{archive}: member {m.name} claims {m.size} bytes, more than "
+                                f"any CIFAR file ({MAX_MEMBER}); not an official archive"
+                            )
                         f = tar.extractfile(m)
                         if f is not None:
                             self.files[m.name[len(folder) + 1 :]] = f.read()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{archive}: not a readable .tar.gz archive ({e})") from e
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+            reason = " ".join(str(e).split())  # tarfile lists one line per method it tried
+            raise UserError(f"{archive}: not a readable .tar.gz archive ({reason})") from e
 
     def read(self, member: str) -> bytes:
         if member not in self.files:

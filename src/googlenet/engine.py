@@ -8,7 +8,14 @@ precision in devices.py.
 
 Determinism: the data order and augmentation are a function of (seed, epoch, rank) (see
 BatchLoader), and the torch RNG (dropout) is reseeded from (seed, epoch, rank) at the start of
-each epoch, so `--resume` from `last` reproduces an uninterrupted run exactly on CPU.
+each epoch; both generators' states are saved in every checkpoint, so `--resume` reproduces an
+uninterrupted run exactly on CPU, from an epoch end or from the middle of one.
+
+Crash safety: `last.safetensors` is written at every epoch end and every `checkpoint_every_s`
+seconds mid-epoch (the file it replaces is kept as `previous.safetensors`); Ctrl-C / SIGTERM
+finish the step, save, print the resume command and raise Interrupted (exit 130 / 143). The
+run folder is chosen and locked by runs.py. GOOGLENET_TRACE=FILE makes the loop append its
+phase to FILE ("step-begin E S", "val-begin E", "save-begin NAME", ...) for the kill tests.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -50,6 +60,7 @@ from googlenet.distributed import (
     init_distributed,
 )
 from googlenet.errors import UserError, note
+from googlenet.interrupt import Interrupted, StopRequest
 from googlenet.loader import BatchLoader
 from googlenet.metrics import HEAD_NAMES, VAL_PREDICTIONS, Metrics, write_predictions
 from googlenet.optim import (
@@ -130,10 +141,12 @@ def validate(
     smoothing: float = 0.0,
     dist: Dist | None = None,
     predictions: bool = False,
-) -> tuple[dict[str, float], ValPredictions | None]:
+    stop: StopRequest | None = None,
+) -> tuple[dict[str, float], ValPredictions | None] | None:
     """Validation: the main output in eval() mode, the aux heads scored on the features
     captured by hooks (also eval(): no dropout). Counts are reduced over every rank; with
-    `predictions` the per-image results are gathered from every rank too."""
+    `predictions` the per-image results are gathered from every rank too. None when `stop`
+    was requested before the end (validation abandoned)."""
     d = dist or Dist()
     was_training = model.training
     model.eval()
@@ -142,6 +155,9 @@ def validate(
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     with _aux_taps(model) as feats:
         for x, y in loader:
+            if stop is not None and stop.requested:
+                model.train(was_training)
+                return None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, dtype):
                 outs = [model(x)]
@@ -204,11 +220,11 @@ def _load_data(
         raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
     train_set = datasets.load_image_folder(
         root / "train", size=prepare.working(), limit=cfg.limit_train, seed=cfg.seed,
-        draft=True, cache_dir=out,
+        draft=True, cache_dir=out, max_bad=cfg.max_bad_images,
     )  # fmt: skip
     val_set = datasets.load_image_folder(
         val_dir, size=prepare, classes=train_set.classes, limit=cfg.limit_val, seed=cfg.seed,
-        cache_dir=out,
+        cache_dir=out, max_bad=cfg.max_bad_images,
     )  # fmt: skip
     record = {"dataset": "folder", "root": str(val_dir.resolve())}
     return train_set, val_set, record | {"limit": cfg.limit_val, "seed": cfg.seed}
@@ -320,6 +336,21 @@ class _Run:
     best_acc: float = -1.0
     best_epoch: int = 0
     lookahead: Lookahead | None = None
+    start_step: int = 0  # resuming mid-epoch: the batch of start_epoch to continue at
+    resumed_meter: dict[str, Tensor] | None = None  # ... and that epoch's counts so far
+    resumed_augment: Tensor | None = None  # ... and the augmentation generator's state there
+    elapsed_before: float = 0.0  # training seconds before this process (resumed runs)
+    stop: StopRequest | None = None  # Ctrl-C / SIGTERM
+    last_save: float = 0.0  # time.monotonic() of the last checkpoint
+    resume_command: str = ""  # printed when interrupted
+    trace_file: str | None = None  # GOOGLENET_TRACE
+    t_start: float = 0.0  # time.monotonic() when this process started training
+    epoch_meter: Metrics | None = None  # the finished epoch's train counts (before validation)
+
+    def trace(self, event: str) -> None:
+        if self.trace_file:
+            with open(self.trace_file, "a") as f:
+                f.write(event + "\n")
 
     @property
     def judged(self) -> nn.Module:
@@ -338,20 +369,46 @@ def train(
     val_set: Any = None,
     data_root: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Train per `cfg`; data from cfg.dataset unless train_set/val_set (ArrayDataset) are given.
 
-    Writes into cfg.out (default runs/<recipe>): config.toml, metrics.jsonl/.csv, loss.png,
-    accuracy.png, last.safetensors and best.safetensors. Under torchrun (WORLD_SIZE > 1) it
-    runs data-parallel; only rank 0 writes. Raises TrainingDiverged on a NaN/inf loss.
+    Writes into cfg.out, else the first free runs/<recipe>[-N] (runs.py: a folder holding a run
+    is refused unless resume or overwrite): config.toml, metrics.jsonl/.csv, loss.png,
+    accuracy.png, last.safetensors (+ previous.safetensors) and best.safetensors. resume
+    continues from the last checkpoint, or starts afresh when there is none yet. Under torchrun
+    (WORLD_SIZE > 1) it runs data-parallel; only rank 0 writes. Raises TrainingDiverged on a
+    NaN/inf loss and Interrupted (a KeyboardInterrupt) after saving on Ctrl-C / SIGTERM.
     """
+    from googlenet import runs
+
     cfg.validate()
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     d, own_group = init_distributed("cuda" if use_cuda else "cpu")
+    lock = None
     try:
-        return _train(cfg, d, train_set, val_set, data_root, resume, progress)
+        out = runs.choose(cfg.out, cfg.recipe, resume=resume, overwrite=overwrite)
+        if d.enabled:  # rank 0's choice (a free runs/<recipe>-N) for every rank
+            import torch.distributed as dist
+
+            chosen = [str(out)]
+            dist.broadcast_object_list(chosen, src=0)
+            out = Path(chosen[0])
+        if d.main:
+            lock = runs.RunLock(out).acquire()
+            if lock.note:
+                note(lock.note)
+            if overwrite and (gone := runs.remove_run_files(out)):
+                note(f"--overwrite: removed {len(gone)} files of the previous run in {out}")
+            runs.remove_stale_temp_files(out)
+            if not cfg.out:
+                print(f"run folder: {out}", file=sys.stderr, flush=True)
+        with StopRequest() as stop:
+            return _train(cfg, d, out, train_set, val_set, data_root, resume, progress, stop)
     finally:
+        if lock is not None:
+            lock.release()
         if own_group:
             import torch.distributed as dist
 
@@ -361,16 +418,21 @@ def train(
 def _train(
     cfg: TrainConfig,
     d: Dist,
+    out: Path,
     train_set: Any,
     val_set: Any,
     data_root: str | Path | None,
     resume: bool,
     progress: bool,
+    stop: StopRequest,
 ) -> RunResult:
-    run = _setup(cfg, d, train_set, val_set, data_root, resume, progress)
+    run = _setup(cfg, d, out, train_set, val_set, data_root, resume, progress)
+    run.stop = stop
+    run.trace_file = os.environ.get("GOOGLENET_TRACE") or None
+    run.resume_command = _resume_command(out, data_root, d)
     row: dict[str, Any] = run.log.rows[-1] if run.log.rows else {}
-    t_run = time.perf_counter()
-    elapsed_before = row.get("elapsed_s", 0.0)
+    run.last_save = run.t_start = time.monotonic()
+    run.trace(f"start {run.start_epoch} {run.start_step}")
     for epoch in range(run.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         row = _train_epoch(run, epoch)
@@ -378,8 +440,9 @@ def _train(
         if (epoch + 1) % cfg.eval_every == 0 or final:
             row.update(_validate(run, epoch, final))
         row["epoch_s"] = time.perf_counter() - t0
-        row["elapsed_s"] = elapsed_before + time.perf_counter() - t_run
+        row["elapsed_s"] = _elapsed(run)
         _checkpoint(run, epoch, row)
+    run.trace("done")
     return RunResult(
         out=run.out,
         epochs=cfg.epochs,
@@ -395,6 +458,7 @@ def _train(
 def _setup(
     cfg: TrainConfig,
     d: Dist,
+    out: Path,
     train_set: Any,
     val_set: Any,
     data_root: str | Path | None,
@@ -408,9 +472,11 @@ def _setup(
     from googlenet.logs import RunLog
     from googlenet.model import build
 
-    out = Path(cfg.out or f"runs/{cfg.recipe}")
     init = None
-    if cfg.init and not resume:  # a resume restores its own checkpoint instead
+    # A resume restores its own checkpoint instead; one killed before its first starts afresh.
+    if cfg.init and not (
+        resume and any((out / n).is_file() for n in ("last.safetensors", "previous.safetensors"))
+    ):
         init = finetune.read_init(cfg.init)
         cfg = finetune.config_from_init(cfg, init).validate()
     device = pick_device(cfg.device, d.local_rank)
@@ -541,13 +607,10 @@ def _setup(
         total = cfg.epochs * len(train_loader)
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
     if resume:
-        run.start_epoch, run.best_acc, run.best_epoch = _restore(run)
+        _restore(run)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        log.resume(run.start_epoch)  # a fresh run in an old folder starts an empty log
-        if not resume:  # nor may an older run's best checkpoint pass for this one's
-            for name in ("best.safetensors", "best.json"):
-                (out / name).unlink(missing_ok=True)
+        log.resume(run.start_epoch)  # drops rows a killed run logged after its checkpoint
         atomic_write_text(out / "config.toml", to_toml(cfg))
 
     if cfg.compile:
@@ -573,16 +636,26 @@ def _setup(
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
-    """One pass over the training data; returns the epoch's log row (lr, train metrics)."""
+    """One pass over the training data (from run.start_step when resuming into this epoch);
+    returns the epoch's log row (lr, train metrics). Saves mid-epoch every checkpoint_every_s,
+    and on Ctrl-C / SIGTERM saves after the step and raises Interrupted."""
     cfg, d, device = run.cfg, run.d, run.device
     steps_per_epoch = len(run.train_loader)
-    _reseed(cfg, epoch, d.rank)
-    run.train_loader.set_epoch(epoch)
-    run.net.train()
     meter = Metrics(run.num_classes, 3 if cfg.aux_logits else 1, device=device)
+    start = run.start_step if epoch == run.start_epoch else 0
+    if start:  # the RNG states came with the checkpoint; so did the epoch's counts so far
+        for name, t in (run.resumed_meter or {}).items():
+            getattr(meter, name).copy_(t)
+    else:
+        _reseed(cfg, epoch, d.rank)
+    run.train_loader.set_epoch(epoch, start, run.resumed_augment if start else None)
+    run.net.train()
     t0 = time.perf_counter()
     bar = _bar(steps_per_epoch, epoch, cfg.epochs, enabled=d.main and run.progress)
-    for i, (x, y) in enumerate(run.train_loader):
+    if bar is not None:
+        bar.update(start)
+    for i, (x, y) in enumerate(run.train_loader, start):
+        run.trace(f"step-begin {epoch} {i}")
         step = epoch * steps_per_epoch + i
         lr = lr_at(cfg, step, steps_per_epoch)
         set_lr(run.opt, lr)
@@ -590,8 +663,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             outs = _outputs(run.net(x))
         losses = _losses(outs, y, cfg.label_smoothing)
         loss = losses[0] + cfg.aux_weight * sum(losses[1:], torch.zeros((), device=device))
-        bad = all_reduce((~torch.isfinite(loss.detach())).float(), d, "max")
-        if bad.item():
+        # One all-reduce for both flags, so every rank stops at the same step.
+        stopping = run.stop is not None and run.stop.requested
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                             torch.tensor(float(stopping), device=device)])  # fmt: skip
+        bad, stop = all_reduce(flags, d, "max").tolist()
+        if bad:
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1} (lr {lr:g}); "
                 f"training stopped, {run.out / 'last.safetensors'} is the last good checkpoint"
@@ -609,7 +686,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             run.avg.update(run.raw)
         meter.update(outs, y, losses)
         if bar is not None:
-            done = (i + 1) * cfg.batch_size
+            done = (i + 1 - start) * cfg.batch_size
             bar.set_postfix(
                 loss=f"{meter.loss():.3f}",
                 acc=f"{meter.accuracy():.1f}%",
@@ -617,14 +694,25 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
                 refresh=False,
             )
             bar.update()
+        due = cfg.checkpoint_every_s and time.monotonic() - run.last_save >= cfg.checkpoint_every_s
+        if stop or due:
+            _save_mid_epoch(run, epoch, i + 1, meter)
+        if stop:
+            if bar is not None:
+                bar.close()
+            _interrupted(run, f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch}")
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t0
     row = {"epoch": epoch + 1, "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1,
                                             steps_per_epoch)}  # fmt: skip
-    meter.reduce(lambda t: all_reduce(t, d))
-    row.update(meter.row("train"))
-    row["images_per_s"] = steps_per_epoch * cfg.batch_size / train_time
+    run.epoch_meter = meter  # kept unreduced: validation may still be interrupted
+    reduced = Metrics(run.num_classes, meter.sums.shape[0], device=device)
+    for name in ("sums", "count", "confusion"):
+        getattr(reduced, name).copy_(getattr(meter, name))
+    reduced.reduce(lambda t: all_reduce(t, d))
+    row.update(reduced.row("train"))
+    row["images_per_s"] = max(steps_per_epoch - start, 1) * cfg.batch_size / train_time
     if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
         raise TrainingDiverged(
             f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
@@ -635,11 +723,22 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
     """Validation of the judged weights (the average when there is one) on every rank; the
-    final one also writes val_predictions.csv."""
+    final one also writes val_predictions.csv. Ctrl-C / SIGTERM abandon it (one process only:
+    DDP ranks finish it together): the checkpoint then holds the trained epoch, and a resume
+    validates it."""
     broadcast_buffers(run.judged, run.d)
-    row, preds = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
-                          smoothing=run.cfg.label_smoothing, dist=run.d,
-                          predictions=final)  # fmt: skip
+    run.trace(f"val-begin {epoch}")
+    stop = run.stop if not run.d.enabled else None
+    result = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
+                      smoothing=run.cfg.label_smoothing, dist=run.d, predictions=final,
+                      stop=stop)  # fmt: skip
+    if result is None:
+        assert run.epoch_meter is not None
+        _save_mid_epoch(run, epoch, len(run.train_loader), run.epoch_meter)
+        _interrupted(run, f"the validation after epoch {epoch + 1} (it reruns on resume)")
+    assert result is not None
+    row, preds = result
+    run.trace(f"val-end {epoch}")
     if not math.isfinite(row["val_loss"]):
         raise TrainingDiverged(
             f"validation loss is {row['val_loss']} after epoch {epoch + 1}; "
@@ -651,20 +750,24 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
 
 
 def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
-    """`last` every epoch, `best` when validation top-1 improved; log and plots (rank 0)."""
+    """`last` every epoch, `best` when validation top-1 improved; log and plots (rank 0).
+
+    The order is log, best, last: a kill or a full disk at any point leaves a `last` from
+    which a resume redoes this epoch and rewrites whatever came after it."""
     improved = "val_acc" in row and row["val_acc"] > run.best_acc
     if improved:
         run.best_acc, run.best_epoch = row["val_acc"], epoch + 1
+    run.last_save = time.monotonic()
     if not run.d.main:
         return
-    state = TrainingState(epoch=epoch + 1, metrics=row,
-                          best={"epoch": run.best_epoch, "val_acc": run.best_acc})  # fmt: skip
+    state = _training_state(run, epoch + 1, 0, row)
     groups = _state_groups(run, state)
     meta = dataclasses.replace(run.meta_base, training=state)
-    save_checkpoint(run.out / "last.safetensors", groups, meta)
-    if improved:
-        save_checkpoint(run.out / "best.safetensors", groups, meta)
     run.log.append(row, plot=True)
+    if improved:
+        _save(run, "best", groups, meta)
+    _save(run, "last", groups, meta, keep="previous.safetensors")
+    run.last_save = time.monotonic()
     if run.progress:
         print(_summary_line(row, run.cfg.epochs), file=sys.stderr, flush=True)
 
@@ -680,6 +783,65 @@ def _write_val_predictions(run: _Run, preds: ValPredictions) -> None:
         preds.pred.tolist(),
         preds.prob.tolist(),
         run.meta_base.classes,
+    )
+
+
+def _save_mid_epoch(run: _Run, epoch: int, step: int, meter: Metrics) -> None:
+    """last.safetensors mid-epoch: epoch `epoch` (0-based) has done `step` steps, with these
+    counts. Every rank calls it (the stop decision is shared); rank 0 writes."""
+    run.last_save = time.monotonic()
+    if not run.d.main:
+        return
+    if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
+        raise TrainingDiverged(
+            f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
+            f"{run.out / 'last.safetensors'} is the last good checkpoint"
+        )
+    state = _training_state(run, epoch, step, run.log.rows[-1] if run.log.rows else {})
+    groups = _state_groups(run, state)
+    meta = dataclasses.replace(run.meta_base, training=state)
+    groups["meter"] = {n: getattr(meter, n) for n in ("sums", "count", "confusion")}
+    if run.train_loader.generator is not None:  # where the next batch's augmentation starts
+        groups["rng"]["augment"] = run.train_loader.generator.get_state()
+    _save(run, "last", groups, meta, keep="previous.safetensors")
+    run.last_save = time.monotonic()
+
+
+def _training_state(run: _Run, epoch: int, step: int, row: dict[str, Any]) -> TrainingState:
+    """Where the run stands: `epoch` epochs done plus `step` steps of the next one."""
+    return TrainingState(epoch=epoch, step=step, elapsed_s=_elapsed(run), metrics=row,
+                         best={"epoch": run.best_epoch, "val_acc": run.best_acc})  # fmt: skip
+
+
+def _save(
+    run: _Run, name: str, groups: dict, meta: CheckpointMeta, keep: str | None = None
+) -> None:
+    run.trace(f"save-begin {name}")
+    save_checkpoint(run.out / f"{name}.safetensors", groups, meta,
+                    keep_previous=run.out / keep if keep else None)  # fmt: skip
+    run.trace(f"save-end {name}")
+
+
+def _elapsed(run: _Run) -> float:
+    return run.elapsed_before + time.monotonic() - run.t_start
+
+
+def _resume_command(out: Path, data_root: str | Path | None, d: Dist) -> str:
+    cmd = ["googlenet", "train", "--resume", "--out", str(out)]
+    if data_root:
+        cmd += ["--data", str(data_root)]
+    if d.enabled:
+        cmd[:1] = ["torchrun", f"--nproc_per_node={d.world_size}", "-m", "googlenet"]
+    return shlex.join(cmd)
+
+
+def _interrupted(run: _Run, where: str) -> None:
+    """After the checkpoint of an interrupted run: say how to resume, raise Interrupted."""
+    signum = run.stop.signum if run.stop is not None and run.stop.signum else signal.SIGINT
+    raise Interrupted(
+        f"{signal.Signals(signum).name}: stopped at {where}; saved "
+        f"{run.out / 'last.safetensors'}. Resume with: {run.resume_command}",
+        signum,
     )
 
 
@@ -730,12 +892,33 @@ def _state_groups(run: _Run, state: TrainingState) -> dict[str, dict[str, Tensor
     return groups
 
 
-def _restore(run: _Run) -> tuple[int, float, int]:
-    """Load last.safetensors into model/optimizer/averager; (epochs done, best acc, its epoch)."""
-    path = run.out / "last.safetensors"
-    if not path.is_file():
-        raise UserError(f"{path}: nothing to resume (no last checkpoint in {run.out})")
-    groups, meta = load_checkpoint(path)
+def _restore(run: _Run) -> None:
+    """Continue from last.safetensors, or from previous.safetensors when last is missing or
+    damaged: weights, optimizer, average, RNG, the epoch and step, the epoch's counts so far.
+    With no checkpoint yet (a run killed before its first), start from the beginning."""
+    errors: list[str] = []
+    for name in ("last.safetensors", "previous.safetensors"):
+        path = run.out / name
+        if not path.is_file():
+            continue
+        try:
+            groups, meta = load_checkpoint(path)
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            note(f"{errors[0]}; resuming from {path} instead")
+            if run.d.main:  # set aside, so that the next save does not keep it as previous
+                damaged = run.out / "last.safetensors"
+                damaged.replace(damaged.with_name("last.safetensors.damaged"))
+        _apply_state(run, path, groups, meta)
+        return
+    if errors:
+        raise UserError(f"{errors[0]}; no other good checkpoint in {run.out} to resume from")
+    note(f"{run.out}: no checkpoint yet, so the run starts from the beginning")
+
+
+def _apply_state(run: _Run, path: Path, groups: dict, meta: CheckpointMeta) -> None:
     if meta.model != run.meta_base.model:
         raise UserError(
             f"{path}: the checkpoint's model {meta.model} differs from this config's "
@@ -763,4 +946,23 @@ def _restore(run: _Run) -> tuple[int, float, int]:
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
     best = state.best
-    return state.epoch, float(best.get("val_acc", -1.0)), int(best.get("epoch", 0))
+    run.best_acc, run.best_epoch = float(best.get("val_acc", -1.0)), int(best.get("epoch", 0))
+    run.start_epoch, run.start_step = state.epoch, state.step
+    steps = len(run.train_loader)
+    if run.start_step:
+        if run.start_step > steps or "meter" not in groups:
+            raise UserError(
+                f"{path}: saved at step {run.start_step} of an epoch, but this run has {steps} "
+                "steps per epoch (other data or batch size?) or the counts are missing"
+            )
+        run.resumed_meter = groups["meter"]
+        run.resumed_augment = groups.get("rng", {}).get("augment")
+    rows = run.log.rows
+    # Checkpoints from before mid-epoch saves hold no elapsed_s: the log has it.
+    run.elapsed_before = state.elapsed_s or (float(rows[-1]["elapsed_s"]) if rows else 0.0)
+    where = (
+        f"epoch {run.start_epoch + 1} step {run.start_step}/{steps}"
+        if run.start_step
+        else f"the end of epoch {run.start_epoch}"
+    )
+    note(f"resuming {run.out} from {where} ({path.name})")

@@ -127,10 +127,11 @@ def load(
     """Load a checkpoint (file or run folder) as a Predictor: `googlenet.load(p).predict(x)`.
     weights: auto (what the run validated) | model | ema; device: auto | cpu | cuda;
     precision: fp32 | bf16 | fp16 | auto."""
-    from googlenet.checkpoint import load_model
+    from googlenet.checkpoint import bad_metadata, load_model
 
     model, meta = load_model(checkpoint, weights=weights)
-    return Predictor(model, meta, device, precision)
+    with bad_metadata(checkpoint):
+        return Predictor(model, meta, device, precision)
 
 
 def iter_image_files(paths: Iterable[str | Path]) -> Iterator[Path]:

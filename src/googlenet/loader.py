@@ -34,9 +34,10 @@ class BatchLoader:
     """Batches of (x float32 N x 3 x input_size x input_size normalised, y int64) from a dataset.
 
     Order and augmentation are a pure function of (seed, epoch, rank): call set_epoch(e) before
-    each epoch. With world_size > 1 each rank iterates a disjoint slice of the same permutation;
-    with drop_last all ranks get the same number of batches, and without it (evaluation) every
-    sample is seen exactly once across ranks.
+    each epoch (set_epoch(e, i, state) to continue an interrupted one at batch i). With
+    world_size > 1 each rank iterates a disjoint slice of the same permutation; with drop_last
+    all ranks get the same number of batches, and without it (evaluation) every sample is seen
+    exactly once across ranks.
     """
 
     def __init__(
@@ -73,12 +74,22 @@ class BatchLoader:
         # files (they have load_batch); 0: decode in this process when the batch is needed.
         self.workers = workers
         self.epoch = 0
+        self.start = 0  # first batch of the next iteration (set_epoch)
+        self._resume_state: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None  # the current iteration's augmentation RNG
         self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose order and augmentation the next iteration produces."""
+    def set_epoch(
+        self, epoch: int, start: int = 0, generator_state: torch.Tensor | None = None
+    ) -> None:
+        """Selects the epoch whose order and augmentation the next iteration produces. A run
+        resumed mid-epoch passes the batch to start at and the augmentation generator's state
+        saved there (`generator.get_state()` after the previous batch), and gets exactly the
+        batches the uninterrupted run would have seen."""
         self.epoch = int(epoch)
+        self.start = int(start)
+        self._resume_state = generator_state
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in iteration order."""
@@ -102,6 +113,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
+        if self.start and self._resume_state is not None:
+            g.set_state(self._resume_state)
+        self.generator = g
         labels = self.dataset.labels
         phase = None
         if self.augment is not None and self.augment.flip and self.augment.alternate_flip:
@@ -109,7 +123,8 @@ class BatchLoader:
             # so over two epochs each image is seen both ways.
             pg = torch.Generator().manual_seed(mix_seed(self.seed, 2))
             phase = torch.rand(len(self.dataset), generator=pg) < 0.5
-        batches = [idx[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        size = self.batch_size
+        batches = [idx[i * size : (i + 1) * size] for i in range(self.start, len(self))]
         self.yielded: list[torch.Tensor] = []  # sample indices of the batches, as yielded
         for b, (images, ok, errors) in zip(batches, self._fetch(batches), strict=True):
             if errors:  # unreadable files: dropped from the batch, counted by the data set

@@ -1,8 +1,9 @@
 """Run logs: one row per epoch as JSONL (append-only) and CSV, and PNG plots of the curves.
 
 Rows are flat dicts: epoch, lr, train_/val_ loss and accuracy per head (main, aux1, aux2),
-images/s and seconds. The CSV and plots are rewritten whole each epoch (atomically), so a
-resumed run that truncated its history leaves consistent files.
+images/s and seconds. Every file is rewritten whole each epoch (atomically), so a kill or a
+full disk leaves the previous complete file, and a resumed run that truncated its history
+leaves consistent files.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class RunLog:
     def append(self, row: dict[str, Any], plot: bool = True) -> None:
         self.rows.append(row)
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self.jsonl.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        # Rewritten whole (atomically) rather than appended: a kill or a full disk mid-write
+        # then leaves the previous complete file, never a torn last line.
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         atomic_write_text(self.csv, to_csv(self.rows))
         if plot:
             plot_history(self.rows, self.folder)

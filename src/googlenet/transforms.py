@@ -48,21 +48,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+MAX_ASPECT = 100  # longer side / shorter side: beyond it the shorter-side resize would explode
 
 
 def _open_rgb(path: Path | bytes, draft: int | None = None, name: str | None = None) -> Image.Image:
     """Decoded, EXIF-upright RGB image from a file or its bytes; UserError naming the file
-    (or `name`) when it cannot be read."""
+    (or `name`) when it cannot be read, or when its header promises more pixels than Pillow's
+    decompression-bomb limit (checked before anything is decoded) or an absurd aspect ratio."""
+    label = name or path
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+            w, h = im.size
+            if w * h > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice this
+                raise UserError(
+                    f"{label}: refused: {w} x {h} pixels is more than {Image.MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb?)"
+                )
+            if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+                raise UserError(f"{label}: refused: {w} x {h} pixels, an aspect ratio beyond "
+                                f"{MAX_ASPECT}:1")  # fmt: skip
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))  # DCT-domain downscale: much faster decoding
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
-    except _DECODE_ERRORS as e:
-        raise UserError(f"{name or path}: not a readable image ({e})") from e
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{label}: refused: {e}") from e
+    except Exception as e:  # Pillow raises many kinds (struct.error, IndexError, ...) on bad data
+        raise UserError(f"{label}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
