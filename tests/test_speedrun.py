@@ -171,6 +171,8 @@ def test_holdout_validates_on_training_images(tmp_path):
     assert len(rest) == 32 and len(held) == 16
     both = torch.cat([rest.images, held.images]).flatten(1)
     assert torch.unique(both, dim=0).shape[0] == 48  # disjoint, and together all of it
+    share = data.labels.bincount(minlength=10).double() * 16 / 48  # stratified: every class
+    assert ((held.labels.bincount(minlength=10) - share).abs() < 1).all()  # gets its share
     _, res = run(tmp_path, "holdout=16")
     assert 0 <= res.metrics["val_acc"] <= 100
     with pytest.raises(UserError, match="holdout"):

@@ -288,8 +288,7 @@ def _hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
     chosen without looking at the test set."""
     if n >= len(train_set):
         raise UserError(f"config key 'holdout': {n} is not less than {len(train_set)} images")
-    g = torch.Generator().manual_seed(seed + 1)
-    held = torch.randperm(len(train_set), generator=g)[:n]
+    held = stratified_indices(train_set.labels, n, seed + 1)  # every class in its share
     keep = torch.ones(len(train_set), dtype=torch.bool)
     keep[held] = False
     return train_set.subset(keep.nonzero().flatten()), train_set.subset(held)
@@ -297,8 +296,7 @@ def _hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
 
 def _whiten(raw: nn.Module, train_set: Any, cfg: TrainConfig, size: int, mean, std) -> None:
     """conv1 from the whitening of (at most 5,000) training images' patches, unaugmented."""
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    idx = torch.randperm(len(train_set), generator=g)[:5000]
+    idx = stratified_indices(train_set.labels, 5000, cfg.seed + 2)
     pp = Preprocess(size, mean, std, size)
     loader = BatchLoader(train_set.subset(idx), len(idx), preprocess=pp)
     x, _ = next(iter(loader))
