@@ -30,6 +30,13 @@ def test_dataclass_defaults_are_the_default_recipe():
     assert TrainConfig() == resolve_config("cifar10-fast")
 
 
+def test_a_recipe_naming_a_base_changes_only_its_own_keys():
+    long, fast = resolve_config("cifar10-long"), resolve_config("cifar10-fast")
+    assert long.recipe == "cifar10-long" and long.epochs == 5 != fast.epochs
+    differ = {k for k, v in long.to_dict().items() if fast.to_dict()[k] != v}
+    assert differ == {"recipe", "epochs"}
+
+
 def test_old_config_keys_are_migrated_with_a_note(tmp_path):
     old = tmp_path / "config.toml"
     old.write_text('recipe = "cifar10-fast"\noptimizer = "sgd"\nschedule = "linear"\nepochs = 2\n')

@@ -308,12 +308,19 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
 
 
-def recipe_values(name: str) -> dict[str, Any]:
-    """The raw key/values of a shipped recipe."""
+def recipe_values(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The key/values of a shipped recipe; one naming a base (`recipe = "..."`) gets the
+    base's values with its own on top, so a variation of a recipe states only what differs."""
     path = resources.files("googlenet") / "recipes" / f"{name}.toml"
     if name not in list_recipes() or not path.is_file():
         raise UserError(f"unknown recipe {name!r}; expected one of {', '.join(list_recipes())}")
-    return _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")
+    values = _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")
+    base = values.pop("recipe", None)
+    if base is None:
+        return values
+    if base == name or base in _seen:
+        raise UserError(f"recipe {name!r}: base recipes form a cycle ({' -> '.join(_seen)})")
+    return {**recipe_values(str(base), (*_seen, name)), **values}
 
 
 def migrate(values: dict[str, Any], source: str) -> dict[str, Any]:
