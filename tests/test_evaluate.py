@@ -159,7 +159,7 @@ def test_tta_probs_is_the_weighted_mean_over_all_crops():
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     pp = Preprocess(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    for mode in ("flip", "10crop", "144crop"):
+    for mode in ("10crop", "144crop"):  # the paper's crops: softmax averaged
         _, crops = tta_crops(x, mode, 32)
         with torch.no_grad():
             flat = (crops.flatten(0, 1) - 0.5) / 0.2

@@ -49,6 +49,8 @@ class Validation:
     batch_size: int = 0  # images per forward pass (0: not recorded)
     channels_last: bool = False  # memory format of the input batches
     data: dict[str, Any] = field(default_factory=dict)  # images: dataset, split/root, limit, seed
+    tta: str = "none"  # test-time augmentation of the reported score (evaluate.INPUT_MODES)
+    fold_bn: bool = False  # evaluated with BatchNorm folded into the convolutions (fuse.py)
 
 
 @dataclass

@@ -177,8 +177,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file or run folder")
     p.add_argument("--data", default=None, help="data root, or a folder of class sub-folders")
     p.add_argument(
-        "--tta", default="none", choices=["none", "flip", "10crop", "144crop"], help="test crops"
-    )
+        "--tta", default=None, choices=["none", "flip", "flip-shift", "10crop", "144crop"],
+        help="test-time augmentation (default: the one the run's reported score used)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default: CKPT's folder/eval-TTA)")
     p.add_argument(
         "--batch-size", type=int, default=None, help="images per batch (default: as validated)"
@@ -219,7 +220,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.checkpoints, args.data, args.tta, args.batch_size, args.limit,
         precision=precision, device=args.device, weights=args.weights,
     )  # fmt: skip
-    name = f"eval-{args.tta}" if len(args.checkpoints) == 1 else f"eval-ensemble-{args.tta}"
+    name = f"eval-{result.tta}" if len(args.checkpoints) == 1 else f"eval-ensemble-{result.tta}"
     out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoints[0]).parent / name
     files = write_report(result, out)
     print(format_result(result))

@@ -28,12 +28,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "tta": ("none", "flip", "flip-shift"),
 }
 
 # Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
 REMOVED_KEYS = {"optimizer": "SGD is the only optimizer"}
 # Values older versions accepted that now have one name: key -> {old: new}.
-RENAMED_VALUES = {"schedule": {"linear": "onecycle"}}
+RENAMED_VALUES = {"schedule": {"linear": "onecycle"}, "tta": {"flip_shift": "flip-shift"}}
 
 
 @dataclass
@@ -114,6 +115,9 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last)
     holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
     checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
+    tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
+    #   none | flip (the image and its mirror) | flip-shift (those and 1-pixel diagonal shifts,
+    #   6 views; evaluate.input_views); logits averaged. Per-epoch validation stays plain.
     out: str = ""  # run folder; empty: runs/<recipe>
 
     # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by

@@ -60,6 +60,7 @@ from googlenet.distributed import (
     init_distributed,
 )
 from googlenet.errors import UserError, note
+from googlenet.fuse import fold_batchnorm
 from googlenet.interrupt import Interrupted, StopRequest
 from googlenet.loader import BatchLoader
 from googlenet.metrics import HEAD_NAMES, VAL_PREDICTIONS, Metrics, write_predictions
@@ -142,40 +143,56 @@ def validate(
     dist: Dist | None = None,
     predictions: bool = False,
     stop: StopRequest | None = None,
+    tta: str = "none",
+    channels_last: bool = False,
 ) -> tuple[dict[str, float], ValPredictions | None] | None:
     """Validation: the main output in eval() mode, the aux heads scored on the features
     captured by hooks (also eval(): no dropout). Counts are reduced over every rank; with
     `predictions` the per-image results are gathered from every rank too. None when `stop`
-    was requested before the end (validation abandoned)."""
+    was requested before the end (validation abandoned). With `tta` (an input mode of
+    evaluate.tta_logits, run as evaluate's runner runs the model) only the main head, its
+    mean logits over the views, reported as val_tta_loss/_acc/_acc5."""
+    from googlenet.evaluate import tta_logits
+
     d = dist or Dist()
     was_training = model.training
     model.eval()
-    heads = 3 if getattr(model, "aux1", None) is not None else 1
+    heads = 3 if getattr(model, "aux1", None) is not None and tta == "none" else 1
     meter = Metrics(model.num_classes, heads, device=device)
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(v: Tensor) -> Tensor:  # as devices.make_runner, so evaluate reproduces it
+        with autocast(device, dtype):
+            return model(v.contiguous(memory_format=fmt)).float()
+
     with _aux_taps(model) as feats:
         for x, y in loader:
             if stop is not None and stop.requested:
                 model.train(was_training)
                 return None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                outs = [model(x)]
-                if heads == 3:
-                    outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
+            if tta != "none":
+                outs = [tta_logits(forward, x, tta)]
+            else:
+                with autocast(device, dtype):
+                    outs = [model(x)]
+                    if heads == 3:
+                        outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
             meter.update(outs, y, _losses(outs, y, smoothing))
             if predictions:
                 prob, pred = torch.softmax(outs[0].float(), 1).max(1)
                 parts.append((y.cpu(), pred.cpu(), prob.cpu()))
     model.train(was_training)
     meter.reduce(lambda t: all_reduce(t, d))
+    prefix = "val" if tta == "none" else "val_tta"
     yielded = getattr(loader, "yielded", None)  # sample indices, as batches came (BatchLoader)
     if not predictions or yielded is None:
-        return meter.row("val"), None
+        return meter.row(prefix), None
     cols = [torch.cat([p[i] for p in parts]) if parts else torch.zeros(0) for i in range(3)]
     index = torch.cat(yielded) if yielded else torch.zeros(0, dtype=torch.int64)
     index, label, pred, prob = gather_by_index(index, cols, d)
-    return meter.row("val"), ValPredictions(index, label.long(), pred.long(), prob)
+    return meter.row(prefix), ValPredictions(index, label.long(), pred.long(), prob)
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -720,16 +737,30 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
-    """Validation of the judged weights (the average when there is one) on every rank; the
-    final one also writes val_predictions.csv. Ctrl-C / SIGTERM abandon it (one process only:
-    DDP ranks finish it together): the checkpoint then holds the trained epoch, and a resume
-    validates it."""
-    broadcast_buffers(run.judged, run.d)
+    """Validation of the judged weights (the average when there is one) on every rank. The
+    final one runs with BatchNorm folded into the convolutions (on a copy), adds the score
+    under the config's TTA and the seconds that pass took (val_tta_*), and writes the
+    reported pass (TTA when on) to val_predictions.csv. Ctrl-C / SIGTERM abandon it (one
+    process only: DDP ranks finish it together): the checkpoint then holds the trained epoch,
+    and a resume validates it."""
+    cfg = run.cfg
+    model = run.judged
+    broadcast_buffers(model, run.d)
+    if final:
+        model = fold_batchnorm(model)
     run.trace(f"val-begin {epoch}")
-    stop = run.stop if not run.d.enabled else None
-    result = validate(run.judged, run.val_loader, device=run.device, dtype=run.dtype,
-                      smoothing=run.cfg.label_smoothing, dist=run.d, predictions=final,
-                      stop=stop)  # fmt: skip
+    kw: dict[str, Any] = dict(device=run.device, dtype=run.dtype, smoothing=cfg.label_smoothing,
+                              dist=run.d, stop=run.stop if not run.d.enabled else None)  # fmt: skip
+    result = validate(model, run.val_loader, predictions=final and cfg.tta == "none", **kw)
+    if final and cfg.tta != "none" and result is not None:
+        t0 = time.perf_counter()
+        tta_result = validate(model, run.val_loader, predictions=True, tta=cfg.tta,
+                              channels_last=cfg.channels_last, **kw)  # fmt: skip
+        if tta_result is None:
+            result = None
+        else:
+            result[0].update(tta_result[0], val_tta_s=time.perf_counter() - t0)
+            result = (result[0], tta_result[1])
     if result is None:
         assert run.epoch_meter is not None
         _save_mid_epoch(run, epoch, len(run.train_loader), run.epoch_meter)
@@ -747,6 +778,14 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
     return row
 
 
+def _validation_record(run: _Run, epoch: int) -> Validation:
+    """What produced this epoch's reported score: the final validation's TTA and folding."""
+    assert run.meta_base.validation is not None
+    final = epoch + 1 == run.cfg.epochs
+    tta = run.cfg.tta if final else "none"
+    return dataclasses.replace(run.meta_base.validation, tta=tta, fold_bn=final)
+
+
 def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
     """`last` every epoch, `best` when validation top-1 improved; log and plots (rank 0).
 
@@ -760,14 +799,16 @@ def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
         return
     state = _training_state(run, epoch + 1, 0, row)
     groups = _state_groups(run, state)
-    meta = dataclasses.replace(run.meta_base, training=state)
+    meta = dataclasses.replace(
+        run.meta_base, training=state, validation=_validation_record(run, epoch)
+    )
     run.log.append(row, plot=True)
     if improved:
         _save(run, "best", groups, meta)
     _save(run, "last", groups, meta, keep="previous.safetensors")
     run.last_save = time.monotonic()
     if run.progress:
-        print(_summary_line(row, run.cfg.epochs), file=sys.stderr, flush=True)
+        print(_summary_line(row, run.cfg.epochs, run.cfg.tta), file=sys.stderr, flush=True)
 
 
 def _write_val_predictions(run: _Run, preds: ValPredictions) -> None:
@@ -853,7 +894,7 @@ def _bar(total: int, epoch: int, epochs: int, enabled: bool):
     )
 
 
-def _summary_line(row: dict[str, Any], epochs: int) -> str:
+def _summary_line(row: dict[str, Any], epochs: int, tta: str = "none") -> str:
     def heads(split: str) -> str:
         s = f"loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.2f}%"
         aux = [
@@ -866,6 +907,8 @@ def _summary_line(row: dict[str, Any], epochs: int) -> str:
     text = f"epoch {row['epoch']}/{epochs} lr {row['lr']:.4g} | train {heads('train')}"
     if "val_acc" in row:
         text += f" | val {heads('val')}"
+    if "val_tta_acc" in row:
+        text += f" | tta {tta} acc {row['val_tta_acc']:.2f}% ({row['val_tta_s']:.1f}s)"
     return text + f" | {row['images_per_s']:.0f} img/s {row['epoch_s']:.1f}s"
 
 

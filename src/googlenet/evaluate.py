@@ -1,5 +1,10 @@
-"""Evaluate checkpoints: top-1/top-5, per-class accuracy, confusion matrix, test-time crops
-(TTA) and ensembles (softmax averaged over crops and over models, as the paper did).
+"""Evaluate checkpoints: top-1/top-5, per-class accuracy, confusion matrix, test-time
+augmentation (TTA) and ensembles (softmax averaged over models, as the paper did).
+
+Two kinds of TTA. The input views (none, flip, flip-shift: `input_views`) are made from the
+model input exactly as preprocessing gives it, and their logits are averaged (`tta_logits`);
+training's final validation uses the same function, so `googlenet evaluate` reproduces it.
+The paper's crops (10crop, 144crop) cut the image anew at several scales and average softmax.
 
 TTA geometry is relative to the model's input size S, so the paper's 224-pixel scheme scales
 down to 32-pixel CIFAR models: 144crop resizes the shorter side to S * {256, 288, 320, 352} / 224,
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from googlenet.checkpoint import CheckpointMeta, load_model
@@ -32,7 +38,9 @@ from googlenet.transforms import (
     resized_size,
 )
 
-TTA_MODES = ("none", "flip", "10crop", "144crop")
+TTA_MODES = ("none", "flip", "flip-shift", "10crop", "144crop")
+INPUT_MODES = ("none", "flip", "flip-shift")  # views of the model input (training may use these)
+SHIFTS = ((-1, -1), (1, 1))  # flip-shift's translations (rows, columns) in pixels, as airbench
 PAPER_SCALES = (256, 288, 320, 352)  # shorter sides for a 224 crop (paper, section 7)
 TEN_CROP_SCALE = 256  # shorter side for 10crop when the checkpoint has no `resize`
 
@@ -64,6 +72,37 @@ def _five(top: int, left: int, side: int, crop: int) -> list[tuple[int, int]]:
     return [(top + t, left + lf) for t, lf in corners]
 
 
+def input_views(x: Tensor, mode: str) -> list[Tensor]:
+    """The views of a normalised N x 3 x S x S model input that an input TTA mode averages:
+    none: x; flip: x and its mirror; flip-shift: x, x shifted by one pixel down-right and by
+    one pixel up-left (border rows/columns reflected), and the mirrors of those three."""
+    if mode not in INPUT_MODES:
+        choices = ", ".join(INPUT_MODES)
+        raise UserError(f"unknown input TTA mode {mode!r}; expected one of {choices}")
+    base = [x]
+    if mode == "flip-shift":
+        base += [shift(x, dy, dx) for dy, dx in SHIFTS]
+    return base if mode == "none" else base + [v.flip(-1) for v in base]
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x translated by (dy, dx) pixels (|dy|, |dx| <= 1): out[i, j] = x[i - dy, j - dx], the
+    uncovered border reflected."""
+    h, w = x.shape[-2:]
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return p[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+
+
+def tta_logits(run: Callable[[Tensor], Tensor], x: Tensor, mode: str = "none") -> Tensor:
+    """The mean float logits of `run` (a model forward) over input_views(x, mode): the one
+    definition of input TTA, for training's final validation and for evaluate."""
+    views = input_views(x, mode)
+    total = run(views[0]).float()
+    for v in views[1:]:
+        total = total + run(v).float()
+    return total / len(views)
+
+
 def tta_views(
     height: int, width: int, mode: str, input_size: int, resize: int | None = None
 ) -> list[View]:
@@ -73,8 +112,8 @@ def tta_views(
     mirror; 10crop: 4 corners + centre of the image resized to `resize` (S * 256/224 when
     None), and mirrors; 144crop: the paper's scheme (module docstring). Sizes and centres use
     torchvision's rounding (transforms.resized_size, transforms.center_offset)."""
-    if mode not in TTA_MODES:
-        raise UserError(f"unknown TTA mode {mode!r}; expected one of {', '.join(TTA_MODES)}")
+    if mode not in TTA_MODES or mode == "flip-shift":
+        raise UserError(f"no crop geometry for TTA mode {mode!r} (flip-shift: see input_views)")
     s = input_size
     if mode in ("none", "flip"):
         _, _, top, left = Preprocess(s, (0.0,) * 3, (1.0,) * 3, resize).crop_box(height, width)
@@ -159,14 +198,11 @@ def tta_probs(
     mode: str = "none",
     max_crops: int = 256,
 ) -> Tensor:
-    """Softmax probabilities N x C of one model, averaged over the crops of a TTA scheme.
-    `images`: uint8 (or 0..1 float) N x 3 x H x W, all of one size."""
-    if mode in ("none", "flip"):  # exactly the checkpoint's preprocessing (and its mirror)
-        x = pp(images)
-        probs = torch.softmax(run(x), 1)
-        if mode == "flip":
-            probs = (probs + torch.softmax(run(x.flip(-1).contiguous()), 1)) / 2
-        return probs
+    """Softmax probabilities N x C of one model under a TTA scheme: of the mean logits over
+    input views (none, flip, flip-shift) of the checkpoint's preprocessing, or averaged over
+    the crops (10crop, 144crop). `images`: uint8 (or 0..1 float) N x 3 x H x W, one size."""
+    if mode in INPUT_MODES:  # exactly the checkpoint's preprocessing, then views of it
+        return torch.softmax(tta_logits(run, pp(images), mode), 1)
     x = _to_float(images)
     n = x.shape[0]
     views = merge_views(tta_views(x.shape[-2], x.shape[-1], mode, pp.input_size, pp.resize))
@@ -339,7 +375,7 @@ def load_members(checkpoints: Sequence[str | Path], weights: str = "auto") -> li
 def evaluate(
     checkpoints: Sequence[str | Path],
     data: str | Path | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     batch_size: int | None = None,
     limit: int | None = None,
     precision: str | None = None,
@@ -352,17 +388,18 @@ def evaluate(
 
     By default it reproduces the run's own validation as recorded in the checkpoint: the same
     images (CIFAR test split or the validation folder, the same limit and seed), weights,
-    precision, batch size and memory format. `data` names another data root or a folder of
-    class sub-folders; `precision` (fp32 | bf16 | fp16 | auto), `batch_size`, `limit` and
-    `weights` override the recorded choices."""
+    test-time augmentation, BatchNorm folding, precision, batch size and memory format. `data`
+    names another data root or a folder of class sub-folders; `tta`, `precision` (fp32 | bf16
+    | fp16 | auto), `batch_size`, `limit` and `weights` override the recorded choices."""
 
-    if tta not in TTA_MODES:
+    if tta is not None and tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; expected one of {', '.join(TTA_MODES)}")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     members = list(members) if members is not None else load_members(checkpoints, weights)
     first = members[0]
     val = first.meta.validation
+    tta = tta if tta is not None else (val.tta if val is not None else "none")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     recorded = val.data if val is not None and data is None else {}
     batch_size = batch_size or (val.batch_size if val is not None and val.batch_size else 100)
     seed = int(recorded.get("seed", 0))
@@ -376,12 +413,17 @@ def evaluate(
         channels_last = (
             v.channels_last if v is not None and precision is None else dtype is not None
         )
-        runners.append((make_runner(m.model, dev, dtype, channels_last), m.preprocess))
+        model = m.model
+        if v is not None and v.fold_bn:  # as the run's final validation evaluated it
+            from googlenet.fuse import fold_batchnorm
+
+            model = fold_batchnorm(model)
+        runners.append((make_runner(model, dev, dtype, channels_last), m.preprocess))
     kw: dict[str, Any] = {"checkpoints": [m.name for m in members]}
     # One preprocessing for every member and no crops of the whole image: folder files are
     # prepared exactly as training prepared its validation images, then only normalised.
     geometry = {(m.preprocess.resize, m.preprocess.input_size) for m in members}
-    prepare = first.preprocess if len(geometry) == 1 and tta in ("none", "flip") else None
+    prepare = first.preprocess if len(geometry) == 1 and tta in INPUT_MODES else None
     batches, total, prepared = eval_batches(first, data, batch_size, limit, seed, kw, prepare)
     if prepared:
         runners = [(run, dataclasses.replace(pp, resize=None)) for run, pp in runners]
