@@ -44,7 +44,8 @@ WEIGHT_GROUPS = ("model", "ema")  # tensor groups that hold a whole model
 class Validation:
     """What the run's validation ran with, so `googlenet evaluate RUN` can reproduce it."""
 
-    weights: str = "model"  # tensor group validated: "model" (raw) or "ema" (averaged)
+    weights: str = "model"  # tensor group validated and served: "model" (raw) or "ema" (averaged)
+    weights_reason: str = ""  # why those weights (config serve_weights; optim.serve_rule)
     precision: str = "fp32"  # autocast it ran under: fp32 | bf16 | fp16
     batch_size: int = 0  # images per forward pass (0: not recorded)
     channels_last: bool = False  # memory format of the input batches
@@ -402,8 +403,10 @@ def model_from_meta(meta: CheckpointMeta) -> nn.Module:
 
 
 def served_weights(groups: Mapping[str, Any], meta: CheckpointMeta, weights: str = "auto") -> str:
-    """The tensor group to load: `weights` ("model" or "ema"), or with "auto" the one the run
-    validated (recorded), else the averaged weights when present."""
+    """The one place that says which tensor group a checkpoint serves (googlenet.load,
+    evaluate, predict, export, serve, explain and --init all come here): `weights` ("model" or
+    "ema"), or with "auto" the one the run recorded as served (Validation.weights, chosen by
+    optim.serve_rule), else (imported or old checkpoints) the averaged weights when present."""
     if weights == "auto":
         if meta.validation is not None:
             weights = meta.validation.weights

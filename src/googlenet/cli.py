@@ -191,7 +191,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     p.add_argument(
         "--weights", default="auto", choices=["auto", "model", "ema"],
-        help="weights to evaluate (auto: those the run validated)",
+        help="weights to evaluate (auto: those the checkpoint serves, as recorded)",
     )  # fmt: skip
     p.set_defaults(func=_run_evaluate)
 

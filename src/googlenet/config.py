@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "tta": ("none", "flip", "flip-shift"),
+    "serve_weights": ("auto", "ema", "model"),
 }
 
 # Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
@@ -101,6 +102,12 @@ class TrainConfig:
     ema: bool = True  # exponential moving average of the weights
     ema_decay: float = 0.99  # EMA decay per step (ramped up over the first steps)
     polyak: bool = False  # paper's Polyak averaging: the plain mean of all iterates
+    serve_weights: str = "auto"  # weights the checkpoint serves (validated, loaded, exported):
+    #   ema (averaged) | model (raw) | auto: with holdout > 0 whichever scores better on the
+    #   held-out images at the final validation, else averaged only in runs of at least
+    #   serve_min_steps optimizer steps (never chosen by the test set; optim.serve_rule)
+    serve_min_steps: int = 100  # auto: fewer steps than this serve the raw weights (EMA 0.99
+    #   averages over ~100 steps: a shorter run's average still holds its first iterates)
     # --- speed / hardware ---
     precision: str = "auto"  # auto (bf16 on CPUs/GPUs that have it, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True  # NHWC memory format (faster convolutions with bf16)
@@ -156,6 +163,7 @@ class TrainConfig:
             "lookahead_every",
             "holdout",
             "checkpoint_every_s",
+            "serve_min_steps",
         )
         for f in fields(self):  # inf/nan in any float key is a typo or an overflow
             value = getattr(self, f.name)
@@ -237,6 +245,10 @@ class TrainConfig:
             )
         if self.ema and self.polyak:
             raise UserError("config keys 'ema' and 'polyak' are exclusive; set one to false")
+        if self.serve_weights == "ema" and not (self.ema or self.polyak):
+            raise UserError(
+                "config key 'serve_weights': 'ema' needs weight averaging (ema or polyak = true)"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from googlenet.optim import (
     apply_norm_options,
     lr_at,
     make_optimizer,
+    serve_rule,
     set_lr,
     whiten_conv1,
 )
@@ -361,6 +362,8 @@ class _Run:
     trace_file: str | None = None  # GOOGLENET_TRACE
     t_start: float = 0.0  # time.monotonic() when this process started training
     epoch_meter: Metrics | None = None  # the finished epoch's train counts (before validation)
+    served: str | None = None  # "ema" | "model" (optim.serve_rule); None: holdout decides
+    served_reason: str = ""
 
     def trace(self, event: str) -> None:
         if self.trace_file:
@@ -369,8 +372,9 @@ class _Run:
 
     @property
     def judged(self) -> nn.Module:
-        """The weights validation and export see: the average when there is one."""
-        return self.avg.module if self.avg is not None else self.raw
+        """The weights validation sees and the checkpoint serves (`served`); the average while
+        the held-out comparison is still to come."""
+        return self.raw if self.avg is None or self.served == "model" else self.avg.module
 
     @property
     def num_classes(self) -> int:
@@ -458,6 +462,8 @@ def _train(
         row["elapsed_s"] = _elapsed(run)
         _checkpoint(run, epoch, row)
     run.trace("done")
+    if d.main and run.progress and run.served:
+        print(f"serving the {run.served} weights ({run.served_reason})", file=sys.stderr)
     return RunResult(
         out=run.out,
         epochs=cfg.epochs,
@@ -618,6 +624,7 @@ def _setup(
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
+    run.served, run.served_reason = serve_rule(cfg, cfg.epochs * len(train_loader))
     if cfg.lookahead_every:
         total = cfg.epochs * len(train_loader)
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
@@ -744,13 +751,17 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
     process only: DDP ranks finish it together): the checkpoint then holds the trained epoch,
     and a resume validates it."""
     cfg = run.cfg
+    run.trace(f"val-begin {epoch}")
+    kw: dict[str, Any] = dict(device=run.device, dtype=run.dtype, smoothing=cfg.label_smoothing,
+                              dist=run.d)  # fmt: skip
+    chosen: dict[str, float] = {}
+    if final and run.served is None:  # not interruptible: a few passes over the holdout
+        chosen = _choose_on_holdout(run, kw)
+    kw["stop"] = run.stop if not run.d.enabled else None
     model = run.judged
     broadcast_buffers(model, run.d)
     if final:
         model = fold_batchnorm(model)
-    run.trace(f"val-begin {epoch}")
-    kw: dict[str, Any] = dict(device=run.device, dtype=run.dtype, smoothing=cfg.label_smoothing,
-                              dist=run.d, stop=run.stop if not run.d.enabled else None)  # fmt: skip
     result = validate(model, run.val_loader, predictions=final and cfg.tta == "none", **kw)
     if final and cfg.tta != "none" and result is not None:
         t0 = time.perf_counter()
@@ -775,7 +786,31 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
         )
     if preds is not None and run.d.main:
         _write_val_predictions(run, preds)
-    return row
+    return row | chosen
+
+
+def _choose_on_holdout(run: _Run, kw: dict[str, Any]) -> dict[str, float]:
+    """serve_weights auto with a holdout: validate the raw and the averaged weights (folded)
+    on the held-out training images and serve the better (top-1, then loss; the average on a
+    tie). Sets run.served and its reason; returns both scores for the log row."""
+    assert run.avg is not None
+    scores = {}
+    for group, module in (("model", run.raw), ("ema", run.avg.module)):
+        broadcast_buffers(module, run.d)
+        result = validate(fold_batchnorm(module), run.val_loader, **kw)
+        assert result is not None
+        scores[group] = result[0]
+    run.served = max(
+        scores, key=lambda g: (scores[g]["val_acc"], -scores[g]["val_loss"], g == "ema")
+    )
+    n = len(run.val_loader.dataset)
+    run.served_reason = (
+        f"auto: on {n} held-out training images, ema {scores['ema']['val_acc']:.2f}% vs "
+        f"model {scores['model']['val_acc']:.2f}% top-1"
+    )
+    return {
+        f"val_{g}_{k}": scores[g][f"val_{k}"] for g in ("model", "ema") for k in ("acc", "loss")
+    }
 
 
 def _validation_record(run: _Run, epoch: int) -> Validation:
@@ -783,7 +818,11 @@ def _validation_record(run: _Run, epoch: int) -> Validation:
     assert run.meta_base.validation is not None
     final = epoch + 1 == run.cfg.epochs
     tta = run.cfg.tta if final else "none"
-    return dataclasses.replace(run.meta_base.validation, tta=tta, fold_bn=final)
+    weights = "model" if run.avg is None or run.served == "model" else "ema"
+    return dataclasses.replace(
+        run.meta_base.validation, tta=tta, fold_bn=final, weights=weights,
+        weights_reason=run.served_reason or "validated; the held-out comparison comes last",
+    )  # fmt: skip
 
 
 def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:

@@ -118,11 +118,9 @@ def read_init(path: str | Path) -> InitSource:
 
 
 def _served(groups: Mapping[str, Any], meta: Any) -> str:
-    """The weights a checkpoint serves: the validated ones when recorded, else the average."""
-    try:
-        from googlenet.checkpoint import served_weights  # type: ignore[attr-defined]
-    except ImportError:
-        return "ema" if "ema" in groups else "model"
+    """The weights a checkpoint serves (checkpoint.served_weights, the one reader)."""
+    from googlenet.checkpoint import served_weights
+
     return served_weights(groups, meta)
 
 

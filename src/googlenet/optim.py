@@ -128,6 +128,24 @@ class WeightAverage:
         self.updates += 1
 
 
+def serve_rule(cfg: TrainConfig, total_steps: int) -> tuple[str | None, str]:
+    """Which weights a run serves, "ema" (averaged) or "model" (raw), and why, by a rule that
+    never looks at the test set: config key serve_weights, else (auto) the run length. None
+    when the final validation decides on the held-out training images (auto with holdout)."""
+    if not (cfg.ema or cfg.polyak):
+        return "model", "no weight averaging"
+    if cfg.serve_weights != "auto":
+        return cfg.serve_weights, f"serve_weights = {cfg.serve_weights}"
+    if cfg.holdout:
+        return None, "auto: the better on the held-out images at the final validation"
+    if total_steps < cfg.serve_min_steps:
+        return (
+            "model",
+            f"auto: {total_steps} optimizer steps < serve_min_steps {cfg.serve_min_steps}",
+        )
+    return "ema", f"auto: {total_steps} optimizer steps >= serve_min_steps {cfg.serve_min_steps}"
+
+
 def _float_states(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
