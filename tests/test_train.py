@@ -67,7 +67,7 @@ def test_learns_a_synthetic_task_and_writes_the_run(tmp_path):
 
 
 def test_checkpoint_round_trip_follows_the_meta_schema(tmp_path):
-    cfg = tiny_cfg(tmp_path, "epochs=1", "ema=true", "aux_logits=false")
+    cfg = tiny_cfg(tmp_path, "epochs=1", "ema=true", "aux_logits=false", "serve_weights=ema")
     result = train(cfg, train_set=synth(16, 0), val_set=synth(8, 1), progress=False)
     groups, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert {"model", "ema", "optim", "rng"} <= set(groups)
