@@ -1,13 +1,15 @@
 """Does an inception block use its larger filters when objects are larger? Branch usage of the
-same CIFAR-10 test images shown zoomed out and in (the tutorial's claim: each block picks the
-filter size that suits the object's scale).
+same CIFAR-10 training-split images shown zoomed out and in (the tutorial's claim: each block
+picks the filter size that suits the object's scale). The test split is kept for reporting
+final accuracy, so the images are the run's held-out training images when it validated on a
+holdout (never trained on), else a seeded stratified sample of the training split.
 
 Zoom z > 1: the central (S/z) x (S/z) crop is resized up to S x S (objects larger);
 zoom z < 1: the whole image is resized down to zS x zS and centred on a mean-grey canvas
 (objects smaller). Prints top-1 and the mean energy share (and per-channel share) of each
 branch per block and zoom, as a markdown table.
 
-usage: PYTHONPATH=src python bench/branch_scale.py CKPT DATA_ROOT [--n 500] [--json FILE]
+usage: PYTHONPATH=src python bench/branch_scale.py CKPT DATA_ROOT [--n 200] [--json FILE]
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from googlenet.datasets import load_cifar
+from googlenet.datasets import load_cifar, stratified_indices
 from googlenet.explain import BRANCHES, BranchUsage, branch_energy
 from googlenet.inference import load
+from googlenet.report import recorded_val_set
 from googlenet.transforms import normalize, to_float
 
 ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -47,13 +50,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("checkpoint")
     p.add_argument("data")
-    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--n", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     predictor = load(args.checkpoint)
     pp, model = predictor.preprocess, predictor.model.eval()
-    ds = load_cifar(args.data, "cifar10", "test").subset(args.n)
+    meta = predictor.meta
+    held = meta.validation is not None and meta.validation.data.get("dataset") == "holdout"
+    ds = recorded_val_set(meta, meta.config, args.data) if held else None
+    source = "held-out training images (not trained on)"
+    if ds is None:
+        ds, source = load_cifar(args.data, "cifar10", "train"), "training images (trained on)"
+    ds = ds.subset(stratified_indices(ds.labels, args.n, 0))
     images, labels = to_float(ds.images), ds.labels
     result: dict[str, dict] = {}
     for z in ZOOMS:
@@ -71,7 +80,7 @@ def main() -> None:
             "per_channel": {b: s.tolist() for b, s in usage.mean_shares(True).items()},
         }
     blocks = list(result["1.0"]["mean"])
-    print(f"{args.n} CIFAR-10 test images; top-1 per zoom: ", end="")
+    print(f"{len(ds)} CIFAR-10 {source}; top-1 per zoom: ", end="")
     print(", ".join(f"x{z}: {result[str(z)]['top1']:.1f}%" for z in ZOOMS))
     for key, what in (("mean", "energy share"), ("per_channel", "per-channel share")):
         print(f"\n{what} (%) of 1x1 / 3x3 / 5x5 / pool, per zoom\n")

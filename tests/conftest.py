@@ -42,6 +42,16 @@ def cifar_root() -> Path:
     return CIFAR_ROOT
 
 
+@pytest.fixture(autouse=True)
+def _no_run_report(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training in tests skips its end-of-run report (seconds per run, dozens of runs) unless
+    the test is marked run_report; the report's own tests cover it."""
+    if request.node.get_closest_marker("run_report") is None:
+        import googlenet.report
+
+        monkeypatch.setattr(googlenet.report, "report_after_training", lambda *a, **k: None)
+
+
 # --- shared helpers (tests import these from here, never from other test modules) ---------
 
 COLOURS = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]]).float()

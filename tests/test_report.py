@@ -5,13 +5,16 @@ import io
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.report import write_report
-from tests.conftest import make_run
+from googlenet.config import resolve_config
+from googlenet.engine import train
+from googlenet.report import report_after_training, write_report
+from tests.conftest import make_run, synth
 
 
 class Images(HTMLParser):
@@ -85,3 +88,63 @@ def test_report_on_a_missing_run_is_a_clear_error(tmp_path: Path, capsys):
 @pytest.fixture
 def html_report(tmp_path: Path) -> Path:
     return write_report(make_run(tmp_path / "run"))
+
+
+# --- written at the end of training -------------------------------------------------------------
+
+
+def _train_tiny(out: Path, **kw) -> Any:
+    cfg = resolve_config(
+        overrides=[f"out={out}", "epochs=1", "input_size=16", "batch_size=8", "precision=fp32",
+                   "channels_last=false", "warmup_min_steps=0", "ema=false"]
+    )  # fmt: skip
+    return train(cfg, train_set=synth(16, 0), val_set=synth(12, 1), progress=False, **kw)
+
+
+@pytest.mark.run_report
+def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path, monkeypatch):
+    from googlenet import engine
+
+    calls = []
+    validate = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
+    result = _train_tiny(tmp_path / "run")
+    assert len(calls) == 1  # the epoch's validation only: the report reuses its results
+    text = (tmp_path / "run" / "report.html").read_text()
+    for heading in (
+        "Loss and accuracy per head",
+        "confusion matrix and per-class accuracy",
+        "Sample predictions",
+        "Branch usage",
+    ):
+        assert heading in text, heading
+    # the confusion section is the run's own final validation (val_predictions.csv)
+    assert f"top-1 {result.metrics['val_acc']:.2f}% on 12 images" in text
+    assert "last.safetensors" in text
+
+
+@pytest.mark.run_report
+def test_a_failing_report_warns_once_and_keeps_the_run(tmp_path: Path, monkeypatch, capsys):
+    import googlenet.report
+
+    def broken(*a, **k):
+        raise RuntimeError("no plots today\n(second line)")
+
+    monkeypatch.setattr(googlenet.report, "build_report", broken)
+    result = _train_tiny(tmp_path / "run")  # returns normally: the CLI exits 0
+    run = tmp_path / "run"
+    assert (run / "last.safetensors").is_file() and (run / "val_predictions.csv").is_file()
+    assert result.metrics["val_acc"] >= 0 and not (run / "report.html").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: no {run / 'report.html'}: no plots today (second line)"]
+
+
+@pytest.mark.run_report
+def test_a_report_is_regenerated_but_a_users_file_of_that_name_is_kept(tmp_path: Path, capsys):
+    run = make_run(tmp_path / "run", n_val=6)
+    first = write_report(run)
+    assert write_report(run) == first  # a derived page: replaced without --force
+    first.write_text("<p>my notes</p>")
+    assert report_after_training(run) is None
+    assert first.read_text() == "<p>my notes</p>"
+    assert "not written by googlenet" in capsys.readouterr().err

@@ -464,6 +464,10 @@ def _train(
     run.trace("done")
     if d.main and run.progress and run.served:
         print(f"serving the {run.served} weights ({run.served_reason})", file=sys.stderr)
+    if d.main and cfg.report:  # from what validation recorded; a failure only warns
+        from googlenet.report import report_after_training
+
+        report_after_training(run.out, run.val_loader.dataset, run.progress)
     return RunResult(
         out=run.out,
         epochs=cfg.epochs,

@@ -12,6 +12,7 @@ import base64
 import csv
 import html
 import json
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -102,49 +103,95 @@ def curves_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         return {p.stem: p.read_bytes() for p in plot_history(rows, tmp)}
 
 
-def _val_images(
-    cfg: dict[str, Any], data: str | Path | None, keys: list[str], val_set: Any = None
-) -> Tensor | None:
-    """uint8 images of the validation set for the recorded keys (indices into the validation
-    set: `val_set` when given, else the CIFAR test split, as training validates on it; or file
-    paths); None when the data is not here."""
-    from googlenet.datasets import load_cifar, resolve_data_root
+def recorded_val_set(meta: Any, cfg: dict[str, Any], data: str | Path | None) -> Any:
+    """The run's validation set rebuilt as training chose it (the CIFAR test split or training
+    images held out, each with its seeded limit), or None when it cannot be rebuilt here."""
+    from googlenet.datasets import load_cifar, resolve_data_root, stratified_indices
+
+    rec = meta.validation.data if meta.validation is not None else {}
+    kind, name, seed = rec.get("dataset"), meta.dataset, int(rec.get("seed", 0))
+    if name not in ("cifar10", "cifar100") or kind not in (name, "holdout"):
+        return None
+    try:
+        root = resolve_data_root(data or rec.get("root") or cfg.get("data_root") or None)
+        if kind == name:
+            ds = load_cifar(root, name, rec.get("split", "test"))
+            limit = int(rec.get("limit") or 0)
+            return ds.subset(stratified_indices(ds.labels, limit, seed)) if limit else ds
+        from googlenet.engine import _hold_out
+
+        # as engine._setup: limit_train, then the held-out part, then limit_val
+        ds = load_cifar(root, name, "train")
+        if cfg.get("limit_train"):
+            ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_train"]), seed))
+        ds = _hold_out(ds, int(rec["holdout"]), seed)[1]
+        if cfg.get("limit_val"):
+            ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_val"]), seed))
+        return ds
+    except (UserError, KeyError, ValueError):
+        return None
+
+
+def _val_images(keys: list[str], labels: list[int], val_set: Any, size: int) -> Tensor | None:
+    """uint8 images of the recorded validation results: `keys` are indices into `val_set`
+    (checked against the recorded labels, so other images never pass for the run's) or file
+    paths (read at `size`); None when the images are not here."""
     from googlenet.transforms import read_image_resized
 
-    size = int(cfg.get("input_size") or 32)
     if all(k.isdigit() for k in keys):
-        if val_set is not None:
-            return val_set.get_images(torch.tensor([int(k) for k in keys]))
-        if cfg.get("dataset") not in ("cifar10", "cifar100"):
+        if val_set is None or not hasattr(val_set, "get_images"):
             return None
-        try:
-            root = resolve_data_root(data or cfg.get("data_root") or None)
-            ds = load_cifar(root, cfg["dataset"], "test")
-        except UserError:
+        idx = torch.tensor([int(k) for k in keys])
+        if len(val_set) <= int(idx.max()) or not torch.equal(
+            torch.as_tensor(val_set.labels)[idx].long(), torch.tensor(labels)
+        ):
             return None
-        return ds.get_images(torch.tensor([int(k) for k in keys]))
+        return val_set.get_images(idx)
     try:
         return torch.stack([read_image_resized(k, size) for k in keys])
     except (UserError, OSError):
         return None
 
 
-def _grid_png(tiles: list[tuple[Tensor, str, bool]], cols: int = 8) -> bytes:
-    """Images (3 x H x W, 0..1) with captions, mistakes captioned in red."""
-    import math
+def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> str:
+    """Images (3 x H x W, 0..1) as small PNGs with HTML captions, mistakes in red (PIL only:
+    a matplotlib grid cost seconds)."""
+    from googlenet.explain import _to_uint8, _upscale, png_bytes
 
-    from googlenet.explain import _png, _pyplot
+    cells = []
+    for img, caption, ok in tiles:
+        pic = _img(png_bytes(_to_uint8(_upscale(img, min_side))), caption)
+        cls = "tile" if ok else "tile bad"
+        cells.append(
+            f"<figure class='{cls}'>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return "<div class=row>" + "".join(cells) + "</div>"
 
-    plt = _pyplot()
-    rows = max(1, math.ceil(len(tiles) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.65 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (img, caption, ok) in zip(axes.flat, tiles, strict=False):
-        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        ax.set_title(caption, fontsize=6.5, color="black" if ok else "crimson")
-    fig.tight_layout(pad=0.3)
-    return _png(fig)
+
+def _bar(shares: Tensor) -> str:
+    """A stacked horizontal bar of the four branch shares."""
+    from googlenet.explain import BRANCHES
+
+    spans = "".join(
+        f"<span style='width:{100 * float(v):.2f}%;background:{c}' "
+        f"title='{b} {100 * float(v):.1f}%'></span>"
+        for b, v, c in zip(BRANCHES, shares, BRANCH_COLOURS, strict=True)
+    )
+    return f"<div class=bar>{spans}</div>"
+
+
+BRANCH_COLOURS = ("#3b75af", "#ef8636", "#519e3e", "#c53932")  # 1x1, 3x3, 5x5, pool
+
+
+def _curves(run: Path, rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The run's own loss.png/accuracy.png when drawn from its latest metrics, else redrawn."""
+    log = run / "metrics.jsonl"
+    files = {k: run / f"{k}.png" for k in ("loss", "accuracy")}
+    if log.is_file() and all(
+        f.is_file() and f.stat().st_mtime >= log.stat().st_mtime for f in files.values()
+    ):
+        return {k: f.read_bytes() for k, f in files.items()}
+    return curves_pngs(rows)
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -188,6 +235,7 @@ def build_report(
     epoch = meta.training.epoch if meta.training is not None else "?"
     summary = [
         ["run", str(run)],
+        ["checkpoint", str(checkpoint or "the run's best")],
         ["variant", meta.variant],
         ["data set", meta.dataset],
         ["epochs run", len(rows)],
@@ -203,7 +251,7 @@ def build_report(
 
     # Curves
     if rows:
-        pngs = curves_pngs(rows)
+        pngs = _curves(run, rows)
         parts.append(
             "<h2>Loss and accuracy per head</h2><div class=row>"
             + "".join(_img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
@@ -248,10 +296,16 @@ def build_report(
         wrong = sorted((p for p in preds if p.pred != p.label), key=lambda p: -p.prob)[:mistakes]
         step = max(1, len(preds) // max(samples, 1))
         shown = preds[::step][:samples]
-        keys = [p.key for p in shown + wrong]
-        images = _val_images(cfg, data, keys, val_set) if keys else None
+        keys, size = [p.key for p in shown + wrong], int(cfg.get("input_size") or 32)
+        if val_set is None and keys and all(k.isdigit() for k in keys):
+            val_set = recorded_val_set(meta, cfg, data)
+        labels = [p.label for p in shown + wrong]
+        images = _val_images(keys, labels, val_set, size) if keys else None
         if images is None:
-            notes.append("the validation images are not here (give --data): no picture grids")
+            notes.append(
+                "the validation images are not here or differ from the recorded ones "
+                "(give --data): no picture grids"
+            )
         else:
             x_all = predictor.preprocess(images)
             raw = images.float() / 255 if images.dtype == torch.uint8 else images
@@ -265,7 +319,7 @@ def build_report(
             ]
             parts.append(
                 "<h2>Sample predictions</h2><p>Evenly spread over the validation set; red: "
-                "wrong.</p>" + _img(_grid_png(tiles), "sample predictions")
+                "wrong.</p>" + _tiles_html(tiles)
             )
             if wrong:
                 xw = x_all[len(shown) :]
@@ -296,19 +350,27 @@ def build_report(
         mean = usage.mean_shares()
         per_ch = usage.mean_shares(per_channel=True)
         table = [
-            [b.replace("inception", "")]
-            + [f"{100 * float(v):.1f}%" for v in mean[b]]
-            + [f"{100 * float(v):.1f}%" for v in per_ch[b]]
+            f"<tr><td>{b.replace('inception', '')}</td><td>{_bar(mean[b])}</td>"
+            f"<td>{_bar(per_ch[b])}</td>"
+            + "".join(f"<td>{100 * float(v):.1f}%</td>" for v in (*mean[b], *per_ch[b]))
+            + "</tr>"
             for b in mean
         ]
-        header = ["block"] + [f"{k}" for k in E.BRANCHES] + [f"{k} /ch" for k in E.BRANCHES]
+        head = ["block", "energy", "per channel"]
+        head += [*E.BRANCHES, *(f"{k} /ch" for k in E.BRANCHES)]
+        legend = " ".join(
+            f"<span class=key style='background:{c}'></span>{b}"
+            for b, c in zip(E.BRANCHES, BRANCH_COLOURS, strict=True)
+        )
         parts.append(
             "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
-            "activations), mean over the validation images shown above; /ch: divided by the "
-            "branch's width first.</p><div class=row>"
-            + _img(E.branch_usage_png(usage), "branch usage")
-            + _table(table, header)
-            + "</div>"
+            f"activations), mean over the {len(usage_x)} validation images shown above; per "
+            f"channel (/ch): divided by the branch's width first. {legend}</p><table>"
+            + "<tr>"
+            + "".join(f"<th>{h}</th>" for h in head)
+            + "</tr>"
+            + "".join(table)
+            + "</table>"
         )
     parts.append(
         "<h2>First-layer filters</h2>"
@@ -329,6 +391,7 @@ def build_report(
     title = f"googlenet run report: {run.name}"
     return PAGE.format(
         title=html.escape(title),
+        generator=GENERATOR,
         body="\n".join(parts),
         footer=html.escape(
             f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.1f} s "
@@ -344,20 +407,59 @@ def write_report(
     force: bool = False,
     **kw: Any,
 ) -> Path:
-    """Write the report (default RUN/report.html); an existing file is replaced only with
-    force=True. Returns its path."""
+    """Write the report (default RUN/report.html); an existing file is replaced only when this
+    module wrote it (a derived page) or with force=True. Returns its path."""
     from googlenet.checkpoint import atomic_write_text
 
     path = Path(out) if out else Path(run) / "report.html"
-    if path.exists() and not force:
+    if path.exists() and not (force or _ours(path)):
         raise UserError(f"{path} exists; pass --force to replace it or --out for another file")
     text = build_report(run, data, **kw)
     atomic_write_text(path, text)
     return path
 
 
+GENERATOR = '<meta name="generator" content="googlenet report">'
+
+
+def _ours(path: Path) -> bool:
+    """Whether `path` is a report this module wrote (so it may be regenerated)."""
+    with path.open("rb") as f:
+        return GENERATOR.encode() in f.read(1024)
+
+
+def report_after_training(
+    run: str | Path, val_set: Any = None, progress: bool = True
+) -> Path | None:
+    """End of training (rank 0): RUN/report.html from what the run recorded (metrics.jsonl,
+    val_predictions.csv, last.safetensors, the weights that final validation judged) and the
+    validation images `val_set` training holds, without validating again. A report written
+    here before is replaced; any other file of that name is kept. Never raises: a failure is
+    one warning line and None, so the run is never lost to its report."""
+    from googlenet.checkpoint import atomic_write_text
+
+    run = Path(run)
+    path = run / "report.html"
+    try:
+        if path.exists() and not _ours(path):
+            raise UserError(f"{path} exists and was not written by googlenet; left as it is")
+        t0 = time.perf_counter()
+        last = run / "last.safetensors"
+        text = build_report(run, checkpoint=last if last.is_file() else None, val_set=val_set)
+        atomic_write_text(path, text)
+    except Exception as e:  # the report is a by-product: the run must survive it
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"warning: no {path}: {msg}", file=sys.stderr, flush=True)
+        return None
+    if progress:
+        took = time.perf_counter() - t0
+        print(f"wrote {path} in {took:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+{generator}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>
@@ -369,7 +471,12 @@ table {{ border-collapse: collapse; font-size: 12px; margin: .4em 0; }}
 td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
 img {{ max-width: 100%; }} figure {{ margin: 0; font-size: 11px; width: 200px; }}
-.notes {{ color: #8a5300; }} footer {{ color: #777; font-size: 11px; margin-top: 2em; }}
+.notes {{ color: #8a5300; }}
+.tile {{ width: 96px; }} .tile figcaption {{ white-space: pre-line; }}
+.bad figcaption {{ color: crimson; }}
+.bar {{ display: flex; width: 220px; height: 12px; }}
+.key {{ display: inline-block; width: 10px; height: 10px; margin: 0 3px 0 8px; }}
+footer {{ color: #777; font-size: 11px; margin-top: 2em; }}
 </style></head>
 <body><h1>{title}</h1>
 {body}
