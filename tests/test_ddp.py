@@ -36,6 +36,7 @@ OVERRIDES = [
     "ema=false",
     "crop_padding=0",  # augmentation draws differ per rank: off
     "flip=false",
+    "report=false",  # subprocesses: conftest cannot skip the end-of-run report there
 ]
 
 
