@@ -96,23 +96,38 @@ def test_report_on_a_missing_run_is_a_clear_error(tmp_path: Path, capsys):
 # --- written at the end of training -------------------------------------------------------------
 
 
-def _train_tiny(out: Path, **kw) -> Any:
+def _train_tiny(out: Path, *extra: str) -> Any:
     cfg = resolve_config(
         overrides=[f"out={out}", "epochs=1", "input_size=16", "batch_size=8", "precision=fp32",
-                   "channels_last=false", "warmup_min_steps=0", "ema=false"]
+                   "channels_last=false", "warmup_min_steps=0", "ema=false", "tta=none", *extra]
     )  # fmt: skip
-    return train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False, **kw)
+    return train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False)
 
 
 @pytest.mark.run_report
 def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path, monkeypatch):
+    import googlenet.evaluate
+    import googlenet.report
     from googlenet import engine
 
-    calls = []
-    validate = engine.validate
-    monkeypatch.setattr(engine, "validate", lambda *a, **k: calls.append(1) or validate(*a, **k))
-    result = _train_tiny(tmp_path / "run")
-    assert len(calls) == 1  # the epoch's validation only: the report reuses its results
+    reporting: list[bool] = []  # non-empty while the report is being built
+    build, validate = googlenet.report.build_report, engine.validate
+
+    def watched_build(*a, **k):
+        reporting.append(True)
+        try:
+            return build(*a, **k)
+        finally:
+            reporting.pop()
+
+    def watched_validate(*a, **k):
+        assert not reporting, "the report must reuse the recorded validation"
+        return validate(*a, **k)
+
+    monkeypatch.setattr(googlenet.report, "build_report", watched_build)
+    monkeypatch.setattr(engine, "validate", watched_validate)
+    monkeypatch.setattr(googlenet.evaluate, "evaluate", watched_validate)
+    result = _train_tiny(tmp_path / "run", "tta=flip")
     text = (tmp_path / "run" / "report.html").read_text()
     for heading in (
         "Loss and accuracy per head",
@@ -121,8 +136,9 @@ def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path,
         "Branch usage",
     ):
         assert heading in text, heading
-    # the confusion section is the run's own final validation (val_predictions.csv)
-    assert f"top-1 {result.metrics['val_acc']:.2f}% on 12 images" in text
+    # the confusion section is the run's own final (TTA) validation (val_predictions.csv)
+    acc = result.metrics["val_tta_acc"]
+    assert f"top-1 {acc:.2f}% on 12 images (recorded in val_predictions.csv; test-time" in text
     assert "last.safetensors" in text
 
 

@@ -281,6 +281,8 @@ def build_report(
         for p in preds:
             cm[p.label, p.pred] += 1
         result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
+        val_tta = meta.validation.tta if meta.validation is not None else "none"
+        tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
         per_class = [
             [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
             for i, (name, a) in enumerate(zip(classes, result.per_class, strict=True))
@@ -288,7 +290,7 @@ def build_report(
         parts.append(
             f"<h2>Validation: confusion matrix and per-class accuracy</h2>"
             f"<p>top-1 {100 * result.top1:.2f}% on {result.n} images "
-            f"(recorded in {PREDICTIONS})</p><div class=row>"
+            f"(recorded in {PREDICTIONS}{tta})</p><div class=row>"
             + _img(confusion_png(result), "confusion matrix", 560)
             + _table(per_class, ["class", "accuracy", "images"])
             + "</div>"
