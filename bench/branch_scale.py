@@ -24,7 +24,6 @@ from googlenet.datasets import load_cifar, stratified_indices
 from googlenet.explain import BRANCHES, BranchUsage, branch_energy
 from googlenet.inference import load
 from googlenet.report import recorded_val_set
-from googlenet.transforms import normalize, to_float
 
 ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -63,10 +62,10 @@ def main() -> None:
     if ds is None:
         ds, source = load_cifar(args.data, "cifar10", "train"), "training images (trained on)"
     ds = ds.subset(stratified_indices(ds.labels, args.n, 0))
-    images, labels = to_float(ds.images), ds.labels
+    images, labels = ds.images.float() / 255, ds.labels
     result: dict[str, dict] = {}
     for z in ZOOMS:
-        x = normalize(zoom(images, z), pp.mean, pp.std)
+        x = pp.normalize(zoom(images, z))  # 0..1 floats, used as they are
         usage = BranchUsage({}, {})
         correct = 0
         for i in range(0, len(x), 100):
