@@ -130,7 +130,7 @@ def test_warmup_then_decay_to_zero(schedule):
 
 def test_weight_decay_skips_norm_and_bias():
     model = build("cifar", aux_logits=False)
-    opt = make_optimizer(TrainConfig(weight_decay=5e-4), model)
+    opt = make_optimizer(TrainConfig(weight_decay=5e-4, norm_bias_lr_scale=1.0), model)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])

@@ -121,7 +121,7 @@ def test_init_from_imported_bn_into_five_classes(tmp_path, imported_bn):
 
 
 def test_frozen_parameters_are_left_out_and_heads_get_the_full_rate():
-    cfg = resolve_config(overrides=["backbone_lr_scale=0.5"])
+    cfg = resolve_config(overrides=["backbone_lr_scale=0.5", "norm_bias_lr_scale=1.0"])
     net = build("cifar", num_classes=5)
     freeze(net, "conv3")
     groups = make_optimizer(cfg, net).param_groups

@@ -569,7 +569,7 @@ def _setup(
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
     apply_norm_options(cfg, raw)
-    if cfg.whiten_init:
+    if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
         _whiten(raw, train_set, cfg, size, mean, std)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=fmt)
