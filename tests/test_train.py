@@ -234,3 +234,26 @@ def test_article_recipe_runs_end_to_end_from_the_cli(tmp_path, cifar_root, capsy
         224, CIFAR10_MEAN, CIFAR10_STD, 224
     )
     assert meta.config["schedule"] == "step" and len(meta.classes) == 10
+
+
+@pytest.mark.parametrize("split, picked", [("test", 3), (None, 1)])
+def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, split, picked):
+    """Validation top-1 made to fall each epoch: a test split keeps the latest epoch as `best`
+    (reporting only); other validation data (here: given sets) keeps the highest score."""
+    if split:
+        sets = (synth(32, 0), synth(16, 1), {"dataset": "cifar10", "split": split})
+        monkeypatch.setattr(engine, "_load_data", lambda *a, **k: sets)
+    falling = iter([60.0, 50.0, 40.0])
+    real = engine.validate
+
+    def validate(*a, **k):
+        result = real(*a, **k)
+        result[0]["val_acc"] = next(falling)
+        return result
+
+    monkeypatch.setattr(engine, "validate", validate)
+    cfg = tiny_cfg(tmp_path, "epochs=3", "tta=none", "serve_weights=model")
+    given = {} if split else {"train_set": synth(32, 0), "val_set": synth(16, 1)}
+    result = train(cfg, progress=False, **given)
+    _, meta = load_checkpoint(result.out / "best.safetensors")
+    assert result.best_epoch == meta.training.epoch == picked

@@ -86,7 +86,7 @@ class RunResult:
     out: Path  # the run folder
     epochs: int  # epochs completed (including those before a resume)
     metrics: dict[str, Any]  # the last epoch's log row
-    best_acc: float  # best validation top-1 (%), -1 when never validated
+    best_acc: float  # top-1 (%) of best.safetensors (on a test split: the latest), -1: none
     best_epoch: int  # the epoch of best_acc (0 when never validated)
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's log row
     model: nn.Module | None = None  # the trained network (averaged weights when EMA/Polyak)
@@ -831,10 +831,14 @@ def _validation_record(run: _Run, epoch: int) -> Validation:
 
 def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
     """`last` every epoch, `best` when validation top-1 improved; log and plots (rank 0).
+    A test split (CIFAR's, when no holdout is set) reports but never picks: there `best` is
+    the latest validated epoch.
 
     The order is log, best, last: a kill or a full disk at any point leaves a `last` from
     which a resume redoes this epoch and rewrites whatever came after it."""
-    improved = "val_acc" in row and row["val_acc"] > run.best_acc
+    val = run.meta_base.validation
+    on_test = val is not None and val.data.get("split") == "test" and not run.cfg.holdout
+    improved = "val_acc" in row and (on_test or row["val_acc"] > run.best_acc)
     if improved:
         run.best_acc, run.best_epoch = row["val_acc"], epoch + 1
     run.last_save = time.monotonic()
