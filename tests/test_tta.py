@@ -134,7 +134,9 @@ def test_final_validation_records_its_tta_and_evaluate_reproduces_it(tmp_path, c
     root = noise_folder(tmp_path / "data")
     run = tmp_path / "run"
     settings = ["dataset=folder", "variant=cifar", "input_size=16", "epochs=2", "batch_size=6",
-                "aux_logits=false", "tta=flip-shift", "lr=0.01", "loader_workers=0"]  # fmt: skip
+                "aux_logits=false", "tta=flip-shift", "lr=0.01", "loader_workers=0",
+                "whiten_init=false", "lookahead_every=0", "norm_bias_lr_scale=1.0",
+                "alternate_flip=false"]  # as measured before these became defaults  # fmt: skip
     args = ["train", "--data", str(root), "--out", str(run)]
     assert main([*args, *(a for s in settings for a in ("--set", s))]) == 0
     err = capsys.readouterr().err

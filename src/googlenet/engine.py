@@ -313,7 +313,11 @@ def _hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
 
 
 def _whiten(raw: nn.Module, train_set: Any, cfg: TrainConfig, size: int, mean, std) -> None:
-    """conv1 from the whitening of (at most 5,000) training images' patches, unaugmented."""
+    """conv1 from the whitening of (at most 5,000) training images' patches, unaugmented.
+    Streamed data (shards) has no random access to sample from: skipped with a note."""
+    if getattr(train_set, "labels", None) is None or not hasattr(train_set, "subset"):
+        note("whiten_init: skipped, streamed training data cannot be sampled up front")
+        return
     idx = stratified_indices(train_set.labels, 5000, cfg.seed + 2)
     pp = Preprocess(size, mean, std, size)
     loader = BatchLoader(train_set.subset(idx), len(idx), preprocess=pp)
