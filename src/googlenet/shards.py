@@ -383,6 +383,9 @@ class ShardLoader(BatchLoader):
                 stream,
                 batch_size=None,
                 num_workers=k,
+                # spawn, not fork: a child forked after torch's OpenMP threads started can
+                # spin forever in their barrier (seen: a CI run hung in the val workers)
+                multiprocessing_context="spawn",
                 prefetch_factor=4,
                 pin_memory=self.device.type == "cuda",
             )
