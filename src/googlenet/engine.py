@@ -428,7 +428,10 @@ def train(
             if not cfg.out:
                 print(f"run folder: {out}", file=sys.stderr, flush=True)
         with StopRequest() as stop:
-            return _train(cfg, d, out, train_set, val_set, data_root, resume, progress, stop)
+            run = _setup(cfg, d, out, train_set, val_set, data_root, resume, progress)
+            run.stop = stop
+            run.resume_command = _resume_command(out, data_root, d)
+            return _train(run)
     finally:
         if lock is not None:
             lock.release()
@@ -438,21 +441,10 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(
-    cfg: TrainConfig,
-    d: Dist,
-    out: Path,
-    train_set: Any,
-    val_set: Any,
-    data_root: str | Path | None,
-    resume: bool,
-    progress: bool,
-    stop: StopRequest,
-) -> RunResult:
-    run = _setup(cfg, d, out, train_set, val_set, data_root, resume, progress)
-    run.stop = stop
+def _train(run: _Run) -> RunResult:
+    """The epochs of a set-up run: train, validate, checkpoint; then the report."""
+    cfg, d = run.cfg, run.d
     run.trace_file = os.environ.get("GOOGLENET_TRACE") or None
-    run.resume_command = _resume_command(out, data_root, d)
     row: dict[str, Any] = run.log.rows[-1] if run.log.rows else {}
     run.last_save = run.t_start = time.monotonic()
     run.trace(f"start {run.start_epoch} {run.start_step}")
