@@ -13,7 +13,7 @@ from googlenet.engine import TrainingDiverged, train
 from googlenet.errors import UserError
 from googlenet.optim import WeightAverage
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
-from tests.conftest import synth
+from tests.conftest import SPEEDRUN_OFF, synth
 
 
 def tiny_cfg(tmp_path, *extra: str):
@@ -27,12 +27,7 @@ def tiny_cfg(tmp_path, *extra: str):
         "precision=fp32",
         "channels_last=false",
         "warmup_min_steps=0",  # the tests' exact schedules, not the short-run guard
-        # the settings these tests were measured with, before the default recipe's speed-run
-        # options (tested in test_speedrun.py)
-        "whiten_init=false",
-        "lookahead_every=0",
-        "norm_bias_lr_scale=1.0",
-        "alternate_flip=false",
+        *SPEEDRUN_OFF,
     ]
     return resolve_config(overrides=[*base, *extra])
 

@@ -31,7 +31,7 @@ from googlenet.evaluate import (
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.model import build
 from googlenet.transforms import Preprocess
-from tests.conftest import calibrate
+from tests.conftest import SPEEDRUN_OFF, calibrate
 
 PP = Preprocess(16, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25), 16)
 
@@ -135,8 +135,7 @@ def test_final_validation_records_its_tta_and_evaluate_reproduces_it(tmp_path, c
     run = tmp_path / "run"
     settings = ["dataset=folder", "variant=cifar", "input_size=16", "epochs=2", "batch_size=6",
                 "aux_logits=false", "tta=flip-shift", "lr=0.01", "loader_workers=0",
-                "whiten_init=false", "lookahead_every=0", "norm_bias_lr_scale=1.0",
-                "alternate_flip=false"]  # as measured before these became defaults  # fmt: skip
+                *SPEEDRUN_OFF]  # fmt: skip
     args = ["train", "--data", str(root), "--out", str(run)]
     assert main([*args, *(a for s in settings for a in ("--set", s))]) == 0
     err = capsys.readouterr().err
