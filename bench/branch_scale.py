@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from googlenet.datasets import load_cifar, stratified_indices
+from googlenet.evaluate import recorded_val_set
 from googlenet.explain import BRANCHES, BranchUsage, branch_energy
 from googlenet.inference import load
-from googlenet.report import recorded_val_set
 
 ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
 

@@ -268,3 +268,19 @@ def test_evaluate_on_real_cifar10_slice(tmp_path: Path, cifar_root: Path, capsys
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["n"] == 8
     assert "top-5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_metrics_returns_the_predictions_it_counted_even_on_ties(dtype):
+    """Per-image records (val_predictions.csv) take the classes the counts used: with tied
+    scores (common in bf16) a second argmax could pick another class than topk did."""
+    scores = torch.zeros(6, 10, dtype=dtype)
+    scores[:, 3] = scores[:, 7] = 1.0  # every row: a tie between class 3 and 7
+    labels = torch.tensor([3, 7, 3, 7, 0, 1])
+    m = Metrics(10)
+    pred = m.update(scores, labels)
+    assert set(pred.tolist()) <= {3, 7}
+    assert int((pred == labels).sum()) == m.result([str(i) for i in range(10)]).topk_correct[1]
+    counted = torch.zeros(10, 10, dtype=torch.int64)
+    counted.index_put_((labels, pred), torch.ones(6, dtype=torch.int64), accumulate=True)
+    assert torch.equal(m.confusion, counted)  # the confusion counted the same classes

@@ -164,10 +164,10 @@ def test_alternate_flip_flips_each_image_once_in_two_epochs():
 
 
 def test_holdout_validates_on_training_images(tmp_path):
-    from googlenet.engine import _hold_out
+    from googlenet.datasets import hold_out
 
     data = synth(48, 0)
-    rest, held = _hold_out(data, 16, seed=0)
+    rest, held = hold_out(data, 16, seed=0)
     assert len(rest) == 32 and len(held) == 16
     both = torch.cat([rest.images, held.images]).flatten(1)
     assert torch.unique(both, dim=0).shape[0] == 48  # disjoint, and together all of it
@@ -203,3 +203,24 @@ def test_folded_batchnorm_equals_unfolded_eval(variant):
     assert (a.softmax(1) - b.softmax(1)).abs().max() <= 1e-5
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
     assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
+    """A run validated on held-out training images is re-evaluated on those images (rebuilt
+    from the recorded root and seed), not silently on the test split."""
+    from googlenet.evaluate import evaluate
+    from tests.test_crash import fake_cifar
+
+    data = fake_cifar(tmp_path / "data", n_train=100, n_test=30)
+    cfg = tiny(tmp_path, "holdout=20", "epochs=1", "tta=none")
+    res = train(cfg, data_root=data, progress=False)
+    meta = load_checkpoint(res.out / "last.safetensors")[1]
+    assert meta.validation.data["dataset"] == "holdout"
+    again = evaluate([res.out / "last.safetensors"])
+    assert again.n == 20  # the held-out images; the test split has 30
+    assert again.top1 * 100 == pytest.approx(res.metrics["val_acc"], abs=1e-6)
+    assert evaluate([res.out / "last.safetensors"], data=data).n == 30  # --data: test split
+    # held out from arrays handed to train(): nothing to rebuild them from
+    _, given = run(tmp_path / "given", "holdout=16")
+    with pytest.raises(UserError, match="held-out"):
+        evaluate([given.out / "last.safetensors"])

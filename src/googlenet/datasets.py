@@ -98,6 +98,17 @@ def _subset_index(indices_or_n: int | Sequence[int] | torch.Tensor, n: int) -> t
     return idx
 
 
+def hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
+    """(the rest, n held-out images): a seeded, stratified split of the training data, so
+    settings can be chosen without looking at the test set."""
+    if n >= len(train_set):
+        raise UserError(f"config key 'holdout': {n} is not less than {len(train_set)} images")
+    held = stratified_indices(train_set.labels, n, seed + 1)  # every class in its share
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[held] = False
+    return train_set.subset(keep.nonzero().flatten()), train_set.subset(held)
+
+
 def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """A seeded, class-stratified sample of n indices (sorted): each class gets its share of n
     in proportion to its size (largest remainders), and at least one sample when n allows, so

@@ -50,7 +50,7 @@ from googlenet.checkpoint import (
     save_checkpoint,
 )
 from googlenet.config import TrainConfig, to_toml
-from googlenet.datasets import stratified_indices
+from googlenet.datasets import hold_out, stratified_indices
 from googlenet.devices import autocast, pick_device, pick_dtype
 from googlenet.distributed import (
     Dist,
@@ -180,9 +180,9 @@ def validate(
                     outs = [model(x)]
                     if heads == 3:
                         outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
-            meter.update(outs, y, _losses(outs, y, smoothing))
+            pred = meter.update(outs, y, _losses(outs, y, smoothing))
             if predictions:
-                prob, pred = torch.softmax(outs[0].float(), 1).max(1)
+                prob = torch.softmax(outs[0].float(), 1).gather(1, pred[:, None])[:, 0]
                 parts.append((y.cpu(), pred.cpu(), prob.cpu()))
     model.train(was_training)
     meter.reduce(lambda t: all_reduce(t, d))
@@ -299,17 +299,6 @@ def model_args(cfg: TrainConfig, num_classes: int, transform_input: bool = False
     if cfg.aux_dropout >= 0:
         args["aux_dropout"] = cfg.aux_dropout
     return args
-
-
-def _hold_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
-    """(the rest, n held-out images): a seeded split of the training data, so settings can be
-    chosen without looking at the test set."""
-    if n >= len(train_set):
-        raise UserError(f"config key 'holdout': {n} is not less than {len(train_set)} images")
-    held = stratified_indices(train_set.labels, n, seed + 1)  # every class in its share
-    keep = torch.ones(len(train_set), dtype=torch.bool)
-    keep[held] = False
-    return train_set.subset(keep.nonzero().flatten()), train_set.subset(held)
 
 
 def _whiten(raw: nn.Module, train_set: Any, cfg: TrainConfig, size: int, mean, std) -> None:
@@ -527,8 +516,10 @@ def _setup(
         val_set = val_set if val_set is not None else loaded[1]
         val_record = loaded[2]
     if cfg.holdout:  # validate on held-out training images, not the test set
-        train_set, val_set = _hold_out(train_set, cfg.holdout, cfg.seed)
+        train_set, val_set = hold_out(train_set, cfg.holdout, cfg.seed)
+        root = val_record.get("root")  # evaluate/report rebuild the split from it
         val_record = {"dataset": "holdout", "holdout": cfg.holdout, "seed": cfg.seed}
+        val_record |= {"root": root} if root else {}
     if train_set is not None and cfg.limit_train and val_record["dataset"] in ("given", "holdout"):
         train_set = train_set.subset(
             stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)

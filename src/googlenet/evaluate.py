@@ -247,8 +247,8 @@ def evaluate_batches(
     rows: list[tuple[int, int, int, float]] = []
     for images, labels, ids in batches:
         probs = ensemble_probs(runners, images, mode, max_crops)
-        acc.update(probs, labels)
-        prob, pred = probs.max(1)
+        pred = acc.update(probs, labels)
+        prob = probs.gather(1, pred[:, None])[:, 0]
         rows += zip(ids, labels.tolist(), pred.tolist(), prob.tolist(), strict=True)
     result = acc.result(classes, tta=mode, **result_kw)
     result.predictions = sorted(rows)
@@ -442,6 +442,33 @@ def evaluate(
         bar.close()
 
 
+def recorded_val_set(meta: CheckpointMeta, cfg: dict[str, Any], data: str | Path | None) -> Any:
+    """A CIFAR run's validation set rebuilt as training chose it (the test split or training
+    images held out, each with its seeded limit); None for other data sets."""
+    from googlenet.datasets import hold_out, load_cifar, resolve_data_root, stratified_indices
+
+    rec = meta.validation.data if meta.validation is not None else {}
+    kind, name, seed = rec.get("dataset"), meta.dataset, int(rec.get("seed", 0))
+    if name not in ("cifar10", "cifar100") or kind not in (name, "holdout"):
+        return None
+    named = data or rec.get("root") or cfg.get("data_root")
+    if kind == "holdout" and not named:  # held out from arrays handed to train()
+        return None
+    root = resolve_data_root(named or None)
+    if kind == name:
+        ds = load_cifar(root, name, rec.get("split", "test"))
+        limit = int(rec.get("limit") or 0)
+        return ds.subset(stratified_indices(ds.labels, limit, seed)) if limit else ds
+    # as engine._setup: limit_train (on loading), then the held-out part, then limit_val
+    ds = load_cifar(root, name, "train")
+    if cfg.get("limit_train"):
+        ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_train"]), seed))
+    ds = hold_out(ds, int(rec["holdout"]), seed)[1]
+    if cfg.get("limit_val"):
+        ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_val"]), seed))
+    return ds
+
+
 def eval_batches(
     first: Member,
     data: str | Path | None,
@@ -453,7 +480,8 @@ def eval_batches(
 ) -> tuple[Iterator[Batch], int, bool]:
     """(uint8 images, labels, sample indices) batches, their number, and whether the images
     come prepared by `prepare` (folders only): the recorded validation images of `first`'s run
-    when `data` is None and it recorded them, else the test split of its data set (CIFAR under
+    when `data` is None and it recorded them (its held-out training images included), else
+    the test split of its data set (CIFAR under
     the data root `data`) or a folder of class sub-folders. `limit`: a seeded class-stratified
     sample. Skipped files and the files' paths go into kw."""
     from googlenet.datasets import load_cifar, resolve_data_root, stratified_indices
@@ -461,8 +489,16 @@ def eval_batches(
     kw = kw if kw is not None else {}
     val = first.meta.validation
     recorded = val.data if val is not None and data is None else {}
-    root = resolve_data_root(recorded.get("root") if recorded else data)
     kind = recorded.get("dataset")
+    if kind == "holdout":  # replay the held-out training images, never the test split
+        ds = recorded_val_set(first.meta, first.meta.config, None)
+        if ds is None:
+            raise UserError(
+                f"{first.name}: validated on held-out {first.meta.dataset} training images, "
+                "which cannot be rebuilt here; give --data to evaluate on a data set"
+            )
+        return array_batches(ds.images, ds.labels, batch_size), len(ds), False
+    root = resolve_data_root(recorded.get("root") if recorded else data)
     is_folder = kind == "folder" or (
         kind is None
         and data is not None

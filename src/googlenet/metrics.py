@@ -88,9 +88,10 @@ class Metrics:
         scores: Tensor | Sequence[Tensor],
         labels: Tensor,
         losses: Sequence[Tensor] | None = None,
-    ) -> None:
+    ) -> Tensor:
         """Count one batch: `scores` (logits or probabilities, N x C) per head, true labels N,
-        and optionally each head's mean loss on the batch."""
+        and optionally each head's mean loss on the batch. Returns the main head's predicted
+        classes as counted, so per-image records agree with the counts even on tied scores."""
         outs = [scores] if isinstance(scores, Tensor) else list(scores)
         labels = labels.to(self.sums.device).long()
         n = labels.shape[0]
@@ -102,9 +103,11 @@ class Metrics:
             if losses is not None:
                 self.sums[i, 0] += losses[i].detach().double() * n
             if i == 0:
-                idx = labels * self.c + top[:, 0]
+                predicted = top[:, 0]
+                idx = labels * self.c + predicted
                 self.confusion.view(-1).index_add_(0, idx, torch.ones_like(idx))
         self.count += n
+        return predicted
 
     def reduce(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum the counts over DDP ranks in place (all_reduce: a summing all-reduce)."""

@@ -103,35 +103,6 @@ def curves_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         return {p.stem: p.read_bytes() for p in plot_history(rows, tmp)}
 
 
-def recorded_val_set(meta: Any, cfg: dict[str, Any], data: str | Path | None) -> Any:
-    """The run's validation set rebuilt as training chose it (the CIFAR test split or training
-    images held out, each with its seeded limit), or None when it cannot be rebuilt here."""
-    from googlenet.datasets import load_cifar, resolve_data_root, stratified_indices
-
-    rec = meta.validation.data if meta.validation is not None else {}
-    kind, name, seed = rec.get("dataset"), meta.dataset, int(rec.get("seed", 0))
-    if name not in ("cifar10", "cifar100") or kind not in (name, "holdout"):
-        return None
-    try:
-        root = resolve_data_root(data or rec.get("root") or cfg.get("data_root") or None)
-        if kind == name:
-            ds = load_cifar(root, name, rec.get("split", "test"))
-            limit = int(rec.get("limit") or 0)
-            return ds.subset(stratified_indices(ds.labels, limit, seed)) if limit else ds
-        from googlenet.engine import _hold_out
-
-        # as engine._setup: limit_train, then the held-out part, then limit_val
-        ds = load_cifar(root, name, "train")
-        if cfg.get("limit_train"):
-            ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_train"]), seed))
-        ds = _hold_out(ds, int(rec["holdout"]), seed)[1]
-        if cfg.get("limit_val"):
-            ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_val"]), seed))
-        return ds
-    except (UserError, KeyError, ValueError):
-        return None
-
-
 def _val_images(keys: list[str], labels: list[int], val_set: Any, size: int) -> Tensor | None:
     """uint8 images of the recorded validation results: `keys` are indices into `val_set`
     (checked against the recorded labels, so other images never pass for the run's) or file
@@ -300,7 +271,12 @@ def build_report(
         shown = preds[::step][:samples]
         keys, size = [p.key for p in shown + wrong], int(cfg.get("input_size") or 32)
         if val_set is None and keys and all(k.isdigit() for k in keys):
-            val_set = recorded_val_set(meta, cfg, data)
+            from googlenet.evaluate import recorded_val_set
+
+            try:
+                val_set = recorded_val_set(meta, cfg, data)
+            except (UserError, KeyError, ValueError):
+                val_set = None
         labels = [p.label for p in shown + wrong]
         images = _val_images(keys, labels, val_set, size) if keys else None
         if images is None:
