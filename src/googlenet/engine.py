@@ -567,6 +567,11 @@ def _setup(
     # After any module swap (SyncBatchNorm), so that the frozen layers are the ones trained.
     frozen = finetune.freeze(raw, cfg.freeze) if cfg.freeze else []
     dtype = pick_dtype(cfg.precision, device)
+    if cfg.fast_pool and device.type == "cpu" and dtype is torch.bfloat16 and cfg.channels_last:
+        from googlenet.fastpool import use_fast_pool
+
+        if not use_fast_pool(raw):
+            note("fast_pool: the C kernel is unavailable (no C compiler?); ATen's max-pool is used")
     opt = make_optimizer(cfg, raw)
     avg = WeightAverage(raw, cfg.ema_decay, cfg.polyak) if cfg.ema or cfg.polyak else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)

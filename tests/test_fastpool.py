@@ -1,0 +1,124 @@
+"""The C max-pool kernel (fastpool.py) computes nn.MaxPool2d(3, 1, 1) exactly: same outputs
+bit for bit, gradients routed to the same winners (ties and NaNs included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from googlenet import fastpool
+from googlenet.fastpool import MaxPool3, use_fast_pool
+from googlenet.model import build
+
+pytestmark = pytest.mark.skipif(fastpool.library() is None, reason="no C compiler here")
+
+
+def _input(n: int, c: int, h: int, w: int, seed: int, ties: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    if ties:  # few distinct values: many windows hold their maximum twice or more
+        x = torch.randint(-3, 3, (n, c, h, w), generator=g).float()
+    return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ties", "ceil"),
+    [((2, 16, 8, 8), False, False), ((3, 5, 7, 9), True, False), ((1, 64, 4, 4), True, True),
+     ((4, 3, 1, 5), True, False), ((2, 33, 16, 16), False, True)],
+)  # fmt: skip
+def test_forward_and_gradient_equal_aten(shape, ties, ceil):
+    x = _input(*shape, seed=sum(shape), ties=ties)
+    pool = MaxPool3(ceil_mode=ceil)
+    a = x.clone().requires_grad_()
+    b = x.float().clone().requires_grad_()  # ATen in fp32: the same values, the same winners
+    ya = pool(a)
+    yb = F.max_pool2d(b, 3, 1, 1, ceil_mode=ceil)
+    assert ya.dtype == torch.bfloat16 and ya.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ya.float(), yb)
+    assert torch.equal(ya, F.max_pool2d(x, 3, 1, 1, ceil_mode=ceil))  # and ATen in bf16
+    # small integer gradients: every sum is exact, so the routing is compared exactly
+    g = torch.randint(-4, 5, ya.shape, generator=torch.Generator().manual_seed(1)).float()
+    ya.backward(g.to(torch.bfloat16))
+    yb.backward(g)
+    assert torch.equal(a.grad.float(), b.grad)
+    # and any gradient: the same bf16 additions in the same order as ATen's bf16 kernel
+    c = x.clone().requires_grad_()
+    a.grad = None
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    pool(a).backward(g)
+    F.max_pool2d(c, 3, 1, 1, ceil_mode=ceil).backward(g)
+    assert torch.equal(a.grad, c.grad)
+
+
+def test_nan_wins_as_in_aten():
+    x = _input(1, 8, 5, 5, seed=0, ties=False)
+    x[0, 2, 2, 2] = float("nan")
+    x[0, 5, 0, 0] = float("nan")
+    y = MaxPool3()(x)
+    ref = F.max_pool2d(x, 3, 1, 1)
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().sum() == 9 + 4
+    assert torch.equal(y.nan_to_num(), ref.nan_to_num())
+
+
+def test_other_inputs_go_to_aten():
+    x = torch.randn(2, 4, 6, 6)  # fp32, NCHW: not the kernel's case
+    assert torch.equal(MaxPool3()(x), F.max_pool2d(x, 3, 1, 1))
+    before = fastpool._MaxPool3.apply
+    called = []
+    fastpool._MaxPool3.apply = lambda t: called.append(t) or before(t)
+    try:
+        MaxPool3()(x.to(torch.bfloat16))  # bf16 but NCHW
+        MaxPool3()(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    finally:
+        fastpool._MaxPool3.apply = before
+    assert len(called) == 1
+
+
+def test_use_fast_pool_swaps_the_pool_branches_and_keeps_the_output():
+    torch.manual_seed(0)
+    model = build("cifar", num_classes=10).eval()
+    ref = build("cifar", num_classes=10).eval()
+    ref.load_state_dict(model.state_dict())
+    assert use_fast_pool(model) == 9  # inception 3a, 3b, 4a-4e, 5a, 5b
+    assert sum(isinstance(m, MaxPool3) for m in model.modules()) == 9
+    assert (
+        sum(type(m) is nn.MaxPool2d for m in model.modules())
+        == sum(type(m) is nn.MaxPool2d for m in ref.modules()) - 9
+    )  # the stride-2 stage pools stay ATen's
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model, ref = (m.to(memory_format=torch.channels_last) for m in (model, ref))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(model(x), ref(x))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(fastpool, "_state", {})
+    monkeypatch.setenv("GOOGLENET_FAST_POOL", "0")
+    assert fastpool.library() is None
+    assert use_fast_pool(build("cifar", num_classes=10)) == 0
+
+
+def test_training_with_the_kernel_matches_aten(tmp_path):
+    """A bf16 channels-last run trains bit-identically with and without the kernel."""
+    from googlenet.config import resolve_config
+    from googlenet.engine import train
+    from tests.conftest import synth
+
+    results = {}
+    for on in (True, False):
+        cfg = resolve_config(overrides=[
+            f"out={tmp_path / str(on)}", "input_size=16", "batch_size=8", "epochs=1",
+            "precision=bf16", "channels_last=true", f"fast_pool={str(on).lower()}",
+            "warmup_min_steps=0", "tta=none", "whiten_init=false",
+        ])  # fmt: skip
+        results[on] = train(cfg, train_set=synth(32, 0), val_set=synth(16, 1), progress=False)
+    pools = [isinstance(m, MaxPool3) for m in results[True].model.modules()]
+    assert sum(pools) == 9 and not any(
+        isinstance(m, MaxPool3) for m in results[False].model.modules()
+    )
+    a, b = (results[k].model.state_dict() for k in (True, False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results[True].metrics["val_loss"] == results[False].metrics["val_loss"]
