@@ -33,6 +33,8 @@ IDEAS: dict[str, list[str]] = {
     "no ema": ["ema=false"],
     "lr=0.8": ["lr=0.8"],
     "batch=512,lr=0.8": ["batch_size=512", "lr=0.8"],
+    "batch=128": ["batch_size=128"],
+    "batch=128,lr=0.2": ["batch_size=128", "lr=0.2"],
     "warmup=0.1": ["warmup=0.1"],
 }
 
@@ -57,7 +59,8 @@ def main() -> None:
         over = [f"holdout={a.holdout}", f"epochs={epochs}", "out=/tmp/googlenet-ablate", *a.extra]
         cfg = resolve_config(a.recipe, None, [*over, *sets])
         t0 = time.perf_counter()
-        res = train(cfg, train_set=train_set, val_set=train_set, progress=False)
+        # one scratch folder, replaced run after run
+        res = train(cfg, train_set=train_set, val_set=train_set, overwrite=True, progress=False)
         accs = [r["val_acc"] for r in res.history]
         row = {"name": name, "sets": sets, "epochs": epochs, "val_acc": accs,
                "images_per_s": res.history[-1]["images_per_s"],
