@@ -364,10 +364,15 @@ class _Run:
                 f.write(event + "\n")
 
     @property
+    def judged_group(self) -> str:
+        """The tensor group validation sees and the checkpoint serves (`served`): "model"
+        (raw) or "ema" (the average, also while the held-out comparison is still to come)."""
+        return "model" if self.avg is None or self.served == "model" else "ema"
+
+    @property
     def judged(self) -> nn.Module:
-        """The weights validation sees and the checkpoint serves (`served`); the average while
-        the held-out comparison is still to come."""
-        return self.raw if self.avg is None or self.served == "model" else self.avg.module
+        """The weights of judged_group."""
+        return self.raw if self.judged_group == "model" or self.avg is None else self.avg.module
 
     @property
     def num_classes(self) -> int:
@@ -814,9 +819,8 @@ def _validation_record(run: _Run, epoch: int) -> Validation:
     assert run.meta_base.validation is not None
     final = epoch + 1 == run.cfg.epochs
     tta = run.cfg.tta if final else "none"
-    weights = "model" if run.avg is None or run.served == "model" else "ema"
     return dataclasses.replace(
-        run.meta_base.validation, tta=tta, fold_bn=final, weights=weights,
+        run.meta_base.validation, tta=tta, fold_bn=final, weights=run.judged_group,
         weights_reason=run.served_reason or "validated; the held-out comparison comes last",
     )  # fmt: skip
 

@@ -481,9 +481,9 @@ def eval_batches(
     """(uint8 images, labels, sample indices) batches, their number, and whether the images
     come prepared by `prepare` (folders only): the recorded validation images of `first`'s run
     when `data` is None and it recorded them (its held-out training images included), else
-    the test split of its data set (CIFAR under
-    the data root `data`) or a folder of class sub-folders. `limit`: a seeded class-stratified
-    sample. Skipped files and the files' paths go into kw."""
+    the test split of its data set (CIFAR under the data root `data`) or a folder of class
+    sub-folders. `limit`: a seeded class-stratified sample. Skipped files and the files' paths
+    go into kw."""
     from googlenet.datasets import load_cifar, resolve_data_root, stratified_indices
 
     kw = kw if kw is not None else {}
