@@ -3,7 +3,7 @@ test set): a baseline recipe, each option alone, then the options that helped co
 few epoch budgets. Prints a markdown table; every run's row is appended to --log as JSON.
 
     python bench/ablate.py --data ../shared/datasets [--recipe cifar10-fast] [--holdout 5000]
-        [--epochs 1] [--combine-epochs 1,2,4] [--only name,name]
+        [--epochs 1] [--combine-epochs 1,2,4] [--only name,name] [--skip-baseline]
 
 Accuracy per epoch budget does not depend on the machine's speed (a GPU ranks ideas in
 seconds); minutes on the 2-core CPU follow from its images/s (bench/train_step.py).
@@ -36,6 +36,9 @@ IDEAS: dict[str, list[str]] = {
     "batch=128": ["batch_size=128"],
     "batch=128,lr=0.2": ["batch_size=128", "lr=0.2"],
     "warmup=0.1": ["warmup=0.1"],
+    "train_size=24": ["train_size=24"],
+    "train_size=24+pad=0": ["train_size=24", "crop_padding=0"],
+    "train_size=20": ["train_size=20"],
 }
 
 
@@ -50,6 +53,7 @@ def main() -> None:
     p.add_argument("--margin", type=float, default=0.3, help="points over baseline to keep")
     p.add_argument("--log", default="ablate.jsonl")
     p.add_argument("--set", dest="extra", action="append", default=[])
+    p.add_argument("--skip-baseline", action="store_true", help="only the ideas, no combining")
     a = p.parse_args()
     root = resolve_data_root(a.data)
     train_set = load_cifar(root, "cifar10", "train")
@@ -75,6 +79,10 @@ def main() -> None:
     print("| idea | epochs | holdout top-1 by epoch (%) | img/s | s |\n|---|---:|---|---:|---:|")
     only = [x for x in a.only.split(",") if x]
     ideas = {k: v for k, v in IDEAS.items() if not only or k in only}
+    if a.skip_baseline:
+        for k, v in ideas.items():
+            one(k, v, a.epochs)
+        return
     base = one("baseline", [], a.epochs)
     kept = [k for k, v in ideas.items() if one(k, v, a.epochs) > base + a.margin]
     print(f"\nkept (> baseline {base:.2f} + {a.margin}): {kept}\n")

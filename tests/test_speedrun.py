@@ -224,3 +224,21 @@ def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
     _, given = run(tmp_path / "given", "holdout=16")
     with pytest.raises(UserError, match="held-out"):
         evaluate([given.out / "last.safetensors"])
+
+
+def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(tmp_path, monkeypatch):
+    seen: list[tuple[bool, int]] = []
+    forward = type(build("cifar", num_classes=4)).forward
+
+    def spy(self, x):
+        seen.append((self.training, x.shape[-1]))
+        return forward(self, x)
+
+    monkeypatch.setattr(type(build("cifar", num_classes=4)), "forward", spy)
+    _, res = run(tmp_path, "input_size=20", "train_size=16", "epochs=1")
+    assert {s for t, s in seen if t} == {16}  # every training batch: 16x16 crops
+    assert {s for t, s in seen if not t} == {20}  # validation: the whole 20x20 image
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].preprocess.input_size == 20
+    assert res.history[-1]["val_acc"] >= 0
+    with pytest.raises(UserError, match="train_size.*above the input size 16"):
+        run(tmp_path / "b", "train_size=20")

@@ -55,6 +55,7 @@ class TrainConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train, root/val) | shards
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
     input_size: int = 32  # training/eval side in pixels; 0: the variant's size (images resized)
+    train_size: int = 0  # train on random crops of this side, validate at input_size (0: same)
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
@@ -154,6 +155,7 @@ class TrainConfig:
         non_negative = (
             "num_classes",
             "input_size",
+            "train_size",
             "limit_train",
             "limit_val",
             "crop_padding",

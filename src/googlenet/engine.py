@@ -539,6 +539,13 @@ def _setup(
         loader_pp = Preprocess(size, mean, std, None)
     elif cfg.dataset == "shards":
         loader_pp = Preprocess(size, mean, std, None)
+    if cfg.train_size > size:
+        raise UserError(f"config key 'train_size': {cfg.train_size} is above the input size {size}")
+    # Smaller training crops: the same pixels per object, fewer per image (~1.7x faster steps at
+    # 24 than at 32); the network is fully convolutional up to its global pool.
+    train_pp = loader_pp
+    if cfg.train_size:
+        train_pp = dataclasses.replace(loader_pp, input_size=cfg.train_size)
     per_rank = cfg.batch_size // d.world_size
     if len(train_set) < cfg.batch_size:
         raise UserError(
@@ -560,6 +567,7 @@ def _setup(
         del init
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
+    raw.check_input(torch.empty(0, 3, train_pp.input_size, train_pp.input_size))
     apply_norm_options(cfg, raw)
     if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
         _whiten(raw, train_set, cfg, size, mean, std)
@@ -600,7 +608,7 @@ def _setup(
     else:
         loader_cls = BatchLoader
     train_loader = loader_cls(
-        train_set, per_rank, preprocess=loader_pp, augment=augment, shuffle=True, drop_last=True,
+        train_set, per_rank, preprocess=train_pp, augment=augment, shuffle=True, drop_last=True,
         seed=cfg.seed, **loader_kw,
     )  # fmt: skip
     val_loader = loader_cls(val_set, per_rank, preprocess=loader_pp, **loader_kw)
