@@ -35,7 +35,11 @@ IDEAS: dict[str, list[str]] = {
     "batch=512,lr=0.8": ["batch_size=512", "lr=0.8"],
     "batch=128": ["batch_size=128"],
     "batch=128,lr=0.2": ["batch_size=128", "lr=0.2"],
+    "batch=128+warmup=0.1": ["batch_size=128", "warmup=0.1"],
+    "batch=128+lr=0.6": ["batch_size=128", "lr=0.6"],
     "warmup=0.1": ["warmup=0.1"],
+    "batch=64": ["batch_size=64"],
+    "batch=64+lr=0.2": ["batch_size=64", "lr=0.2"],
     "train_size=24": ["train_size=24"],
     "train_size=24+pad=0": ["train_size=24", "crop_padding=0"],
     "train_size=20": ["train_size=20"],
@@ -47,7 +51,7 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--recipe", default="cifar10-fast")
     p.add_argument("--holdout", type=int, default=5000)
-    p.add_argument("--epochs", type=int, default=1, help="budget for single ideas")
+    p.add_argument("--epochs", type=float, default=1, help="budget for single ideas")
     p.add_argument("--combine-epochs", default="1,2,4")
     p.add_argument("--only", default="", help="comma-separated idea names (default: all)")
     p.add_argument("--margin", type=float, default=0.3, help="points over baseline to keep")
@@ -59,7 +63,7 @@ def main() -> None:
     train_set = load_cifar(root, "cifar10", "train")
     rows: list[dict] = []
 
-    def one(name: str, sets: list[str], epochs: int) -> float:
+    def one(name: str, sets: list[str], epochs: float) -> float:
         over = [f"holdout={a.holdout}", f"epochs={epochs}", "out=/tmp/googlenet-ablate", *a.extra]
         cfg = resolve_config(a.recipe, None, [*over, *sets])
         t0 = time.perf_counter()
@@ -92,7 +96,7 @@ def main() -> None:
     if lr_rows:
         combo += max(lr_rows, key=lambda r: r["val_acc"][-1])["sets"]
     combo = list(dict.fromkeys(combo))  # keep order, drop repeats
-    for e in [int(x) for x in a.combine_epochs.split(",") if x]:
+    for e in [float(x) for x in a.combine_epochs.split(",") if x]:
         one("baseline", [], e) if e != a.epochs else None
         one("combined: " + ", ".join(combo), combo, e)
 

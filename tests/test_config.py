@@ -69,7 +69,8 @@ def test_paper_recipe():
     [
         ("epocs=3", "unknown config key 'epocs'"),
         ("lr=abc", "config key 'lr': expected float, got 'abc'"),
-        ("epochs=2.5", "config key 'epochs': expected int"),
+        ("batch_size=2.5", "config key 'batch_size': expected int"),
+        ("epochs=0", "config key 'epochs': must be > 0"),
         ("flip=1", "config key 'flip': expected bool"),
         ("schedule=sometimes", "config key 'schedule': expected one of"),
         ("variant=resnet", "unknown variant 'resnet'"),

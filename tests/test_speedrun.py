@@ -242,3 +242,16 @@ def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(tmp_path
     assert res.history[-1]["val_acc"] >= 0
     with pytest.raises(UserError, match="train_size.*above the input size 16"):
         run(tmp_path / "b", "train_size=20")
+
+
+def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, monkeypatch):
+    import googlenet.engine as engine
+
+    lrs: list[float] = []
+    set_lr = engine.set_lr
+    monkeypatch.setattr(engine, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr)))
+    cfg, res = run(tmp_path, "epochs=1.5", "warmup=0.5")  # 48 images, batch 8: 6 steps a pass
+    assert len(lrs) == 9  # 6 + 3
+    assert max(lrs) == pytest.approx(0.03) and lrs[-1] == 0.0  # one-cycle over the 9 steps
+    assert [r["epoch"] for r in res.history] == [1, 2] and "val_acc" in res.history[-1]
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training.epoch == 2

@@ -70,7 +70,7 @@ class TrainConfig:
     scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect ratio 3/4-4/3
     photometric: bool = False  # paper's photometric distortions (brightness/contrast/...)
     # --- optimisation ---
-    epochs: int = 2  # passes over the training data
+    epochs: float = 2  # passes over the training data; a fraction ends the last pass early
     batch_size: int = 256  # global batch (split evenly over DDP ranks)
     lr: float = 0.4  # peak learning rate (step schedule: the initial one)
     momentum: float = 0.9  # SGD momentum

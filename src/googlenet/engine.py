@@ -68,10 +68,12 @@ from googlenet.optim import (
     Lookahead,
     WeightAverage,
     apply_norm_options,
+    epoch_count,
     lr_at,
     make_optimizer,
     serve_rule,
     set_lr,
+    total_steps,
     whiten_conv1,
 )
 from googlenet.transforms import Preprocess, working_size
@@ -84,7 +86,7 @@ class TrainingDiverged(UserError):
 @dataclass
 class RunResult:
     out: Path  # the run folder
-    epochs: int  # epochs completed (including those before a resume)
+    epochs: float  # passes over the data (including those before a resume)
     metrics: dict[str, Any]  # the last epoch's log row
     best_acc: float  # top-1 (%) of best.safetensors (on a test split: the latest), -1: none
     best_epoch: int  # the epoch of best_acc (0 when never validated)
@@ -442,10 +444,10 @@ def _train(run: _Run) -> RunResult:
     row: dict[str, Any] = run.log.rows[-1] if run.log.rows else {}
     run.last_save = run.t_start = time.monotonic()
     run.trace(f"start {run.start_epoch} {run.start_step}")
-    for epoch in range(run.start_epoch, cfg.epochs):
+    for epoch in range(run.start_epoch, epoch_count(cfg)):
         t0 = time.perf_counter()
         row = _train_epoch(run, epoch)
-        final = epoch + 1 == cfg.epochs
+        final = epoch + 1 == epoch_count(cfg)
         if (epoch + 1) % cfg.eval_every == 0 or final:
             row.update(_validate(run, epoch, final))
         row["epoch_s"] = time.perf_counter() - t0
@@ -633,9 +635,9 @@ def _setup(
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
-    run.served, run.served_reason = serve_rule(cfg, cfg.epochs * len(train_loader))
+    total = total_steps(cfg, len(train_loader))
+    run.served, run.served_reason = serve_rule(cfg, total)
     if cfg.lookahead_every:
-        total = cfg.epochs * len(train_loader)
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
     if resume:
         _restore(run)
@@ -655,7 +657,7 @@ def _setup(
         print(
             f"training {cfg.variant} ({num_classes} classes, {size}x{size}) on {device.type}"
             f" x{d.world_size}, {'fp32' if dtype is None else str(dtype)[6:]} autocast,"
-            f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs} epochs,"
+            f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs:g} epochs,"
             f" {len(train_loader)} steps/epoch -> {out}"
             + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
             file=sys.stderr,
@@ -672,6 +674,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     and on Ctrl-C / SIGTERM saves after the step and raises Interrupted."""
     cfg, d, device = run.cfg, run.d, run.device
     steps_per_epoch = len(run.train_loader)
+    # this pass's steps: all of them, except in a last pass that `epochs` cuts short
+    steps = min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - epoch * steps_per_epoch)
     meter = Metrics(run.num_classes, 3 if cfg.aux_logits else 1, device=device)
     start = run.start_step if epoch == run.start_epoch else 0
     if start:  # the RNG states came with the checkpoint; so did the epoch's counts so far
@@ -682,10 +686,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     run.train_loader.set_epoch(epoch, start, run.resumed_augment if start else None)
     run.net.train()
     t0 = time.perf_counter()
-    bar = _bar(steps_per_epoch, epoch, cfg.epochs, enabled=d.main and run.progress)
+    bar = _bar(steps, epoch, epoch_count(cfg), enabled=d.main and run.progress)
     if bar is not None:
         bar.update(start)
     for i, (x, y) in enumerate(run.train_loader, start):
+        if i >= steps:  # a fractional last pass ends here
+            break
         run.trace(f"step-begin {epoch} {i}")
         step = epoch * steps_per_epoch + i
         lr = lr_at(cfg, step, steps_per_epoch)
@@ -731,11 +737,11 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         if stop:
             if bar is not None:
                 bar.close()
-            _interrupted(run, f"epoch {epoch + 1} step {i + 1}/{steps_per_epoch}")
+            _interrupted(run, f"epoch {epoch + 1} step {i + 1}/{steps}")
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t0
-    row = {"epoch": epoch + 1, "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1,
+    row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch * steps_per_epoch + steps - 1,
                                             steps_per_epoch)}  # fmt: skip
     run.epoch_meter = meter  # kept unreduced: validation may still be interrupted
     reduced = Metrics(run.num_classes, meter.sums.shape[0], device=device)
@@ -743,7 +749,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         getattr(reduced, name).copy_(getattr(meter, name))
     reduced.reduce(lambda t: all_reduce(t, d))
     row.update(reduced.row("train"))
-    row["images_per_s"] = max(steps_per_epoch - start, 1) * cfg.batch_size / train_time
+    row["images_per_s"] = max(steps - start, 1) * cfg.batch_size / train_time
     if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
         raise TrainingDiverged(
             f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
@@ -825,7 +831,7 @@ def _choose_on_holdout(run: _Run, kw: dict[str, Any]) -> dict[str, float]:
 def _validation_record(run: _Run, epoch: int) -> Validation:
     """What produced this epoch's reported score: the final validation's TTA and folding."""
     assert run.meta_base.validation is not None
-    final = epoch + 1 == run.cfg.epochs
+    final = epoch + 1 == epoch_count(run.cfg)
     tta = run.cfg.tta if final else "none"
     return dataclasses.replace(
         run.meta_base.validation, tta=tta, fold_bn=final, weights=run.judged_group,
@@ -859,7 +865,7 @@ def _checkpoint(run: _Run, epoch: int, row: dict[str, Any]) -> None:
     _save(run, "last", groups, meta, keep="previous.safetensors")
     run.last_save = time.monotonic()
     if run.progress:
-        print(_summary_line(row, run.cfg.epochs, run.cfg.tta), file=sys.stderr, flush=True)
+        print(_summary_line(row, epoch_count(run.cfg), run.cfg.tta), file=sys.stderr, flush=True)
 
 
 def _write_val_predictions(run: _Run, preds: ValPredictions) -> None:

@@ -15,9 +15,20 @@ from googlenet.config import TrainConfig
 from googlenet.errors import UserError
 
 
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: `epochs` may end within the last pass (1.5: one and a
+    half passes), and the schedules span exactly these steps."""
+    return max(1, round(cfg.epochs * steps_per_epoch))
+
+
+def epoch_count(cfg: TrainConfig) -> int:
+    """Passes the run starts, the last one possibly cut short."""
+    return math.ceil(cfg.epochs)
+
+
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate for optimizer step `step` (0-based, counted over the whole run)."""
-    total = cfg.epochs * steps_per_epoch
+    total = total_steps(cfg, steps_per_epoch)
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "step":  # the tutorial's Keras LearningRateScheduler, per epoch
