@@ -47,6 +47,8 @@ def run(tmp_path, *extra: str):
         "lookahead_decay=1.0",
         "lookahead_every=-1",
         "holdout=-5",
+        "train_size_until=0.0",
+        "train_size_until=1.5",
         "warmup_min_steps=-1",
     ],
 )
@@ -226,7 +228,10 @@ def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
         evaluate([given.out / "last.safetensors"])
 
 
-def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(tmp_path, monkeypatch):
+@pytest.mark.parametrize("until", [1.0, 0.75])
+def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(
+    tmp_path, monkeypatch, until
+):
     seen: list[tuple[bool, int]] = []
     forward = type(build("cifar", num_classes=4)).forward
 
@@ -235,8 +240,11 @@ def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(tmp_path
         return forward(self, x)
 
     monkeypatch.setattr(type(build("cifar", num_classes=4)), "forward", spy)
-    _, res = run(tmp_path, "input_size=20", "train_size=16", "epochs=1")
-    assert {s for t, s in seen if t} == {16}  # every training batch: 16x16 crops
+    # 48 images, batch 8: 6 steps a pass, 12 in all; 9 of them (0.75) at 16 when until=0.75
+    _, res = run(tmp_path, "input_size=20", "train_size=16", f"train_size_until={until}")
+    trained = [s for t, s in seen if t]
+    small = round(until * 12)
+    assert trained == [16] * small + [20] * (12 - small)  # smaller crops first, in order
     assert {s for t, s in seen if not t} == {20}  # validation: the whole 20x20 image
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].preprocess.input_size == 20
     assert res.history[-1]["val_acc"] >= 0

@@ -55,7 +55,8 @@ class TrainConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train, root/val) | shards
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
     input_size: int = 32  # training/eval side in pixels; 0: the variant's size (images resized)
-    train_size: int = 0  # train on random crops of this side, validate at input_size (0: same)
+    train_size: int = 0  # train on random crops of this side (unpadded), validate at input_size
+    train_size_until: float = 1.0  # with train_size: share of the steps at it, then input_size
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
@@ -187,6 +188,10 @@ class TrainConfig:
             raise UserError(
                 f"config key 'norm_bias_lr_scale': must be a positive number, "
                 f"got {self.norm_bias_lr_scale}"
+            )
+        if not 0 < self.train_size_until <= 1:
+            raise UserError(
+                f"config key 'train_size_until': must be in (0, 1], got {self.train_size_until}"
             )
         if not 0 < self.bn_momentum <= 1:
             raise UserError(f"config key 'bn_momentum': must be in (0, 1], got {self.bn_momentum}")

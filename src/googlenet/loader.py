@@ -64,6 +64,9 @@ class BatchLoader:
         self.batch_size = batch_size
         self.preprocess = preprocess  # validation: exactly this; training: its size and stats
         self.input_size = preprocess.input_size
+        # (side, steps): the run's first `steps` batches are cropped to this smaller side
+        # (config train_size / train_size_until); None: every batch at input_size
+        self.small: tuple[int, int] | None = None
         self.augment = augment
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -126,7 +129,8 @@ class BatchLoader:
         size = self.batch_size
         batches = [idx[i * size : (i + 1) * size] for i in range(self.start, len(self))]
         self.yielded: list[torch.Tensor] = []  # sample indices of the batches, as yielded
-        for b, (images, ok, errors) in zip(batches, self._fetch(batches), strict=True):
+        fetched = zip(batches, self._fetch(batches), strict=True)
+        for i, (b, (images, ok, errors)) in enumerate(fetched, self.start):
             if errors:  # unreadable files: dropped from the batch, counted by the data set
                 self.dataset.note_bad(b[~ok], errors)  # type: ignore[attr-defined]
                 b = b[ok]
@@ -134,7 +138,7 @@ class BatchLoader:
                     continue
             flip = None if phase is None else phase[b] ^ bool(self.epoch % 2)
             self.yielded.append(b)
-            yield self.transform(images, g, flip), labels[b].to(self.device)
+            yield self.transform(images, g, flip, self.side(i)), labels[b].to(self.device)
 
     def _fetch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, Any, list]]:
         """(uint8 images, readable mask, errors) per batch, in order; decoded in `workers`
@@ -158,8 +162,18 @@ class BatchLoader:
             pin_memory=self.device.type == "cuda",
         )
 
+    def side(self, i: int) -> int:
+        """The training side of batch i of the current epoch."""
+        if self.small is not None and self.epoch * len(self) + i < self.small[1]:
+            return self.small[0]
+        return self.input_size
+
     def transform(
-        self, images: torch.Tensor, g: torch.Generator, flip: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        g: torch.Generator,
+        flip: torch.Tensor | None = None,
+        size: int = 0,
     ) -> torch.Tensor:
         """uint8 B x 3 x H x W -> normalised float32 B x 3 x S x S: exactly `preprocess` without
         augmentation; with it, augmented and resized to S (`flip`: given per-sample flips).
@@ -173,7 +187,7 @@ class BatchLoader:
             x = self.preprocess(x)
             return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         b, _, h, w = x.shape
-        size = self.input_size
+        size = size or self.input_size
         if flip is None and aug.flip:
             flip = torch.rand(b, generator=g) < 0.5
         box = None
@@ -183,8 +197,11 @@ class BatchLoader:
             # A source larger than the input is randomly cropped to it (images are stored at
             # the working size: the whole image at the target scale, see datasets.py).
             crop = (min(h, size), min(w, size))
-            if aug.crop_padding or flip is not None or crop != (h, w):
-                x = crop_flip(x, aug.crop_padding, flip, aug.padding_mode, g, crop)
+            # train_size crops come from the unpadded image: they have slack enough, and padding
+            # them too cost 3.7 points (docs/results.md, 24 from 32 pixels)
+            pad = aug.crop_padding if size >= self.input_size else 0
+            if pad or flip is not None or crop != (h, w):
+                x = crop_flip(x, pad, flip, aug.padding_mode, g, crop)
                 flip = None  # done
             b, _, h, w = x.shape
         x = x.float().mul_(1 / 255)

@@ -403,7 +403,7 @@ class ShardLoader(BatchLoader):
                 images, labels = images[:keep], labels[:keep]
             seen += len(labels)
             if len(labels):
-                yield self.transform(images, g), labels.to(self.device)
+                yield self.transform(images, g, size=self.side(n)), labels.to(self.device)
                 n += 1
             if steps is not None and n >= steps:
                 break
