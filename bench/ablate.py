@@ -43,6 +43,8 @@ IDEAS: dict[str, list[str]] = {
     "train_size=24": ["train_size=24"],
     "train_size=24+pad=0": ["train_size=24", "crop_padding=0"],
     "train_size=20": ["train_size=20"],
+    "b128+24px to 62.5%": ["batch_size=128", "train_size=24", "train_size_until=0.625"],
+    "b128+24px to 50%": ["batch_size=128", "train_size=24", "train_size_until=0.5"],
 }
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from googlenet.augment import Augment
 from googlenet.checkpoint import load_checkpoint
 from googlenet.config import resolve_config
+from googlenet.datasets import ArrayDataset
 from googlenet.engine import train
 from googlenet.errors import UserError
 from googlenet.loader import BatchLoader
@@ -263,3 +264,21 @@ def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, m
     assert max(lrs) == pytest.approx(0.03) and lrs[-1] == 0.0  # one-cycle over the 9 steps
     assert [r["epoch"] for r in res.history] == [1, 2] and "val_acc" in res.history[-1]
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training.epoch == 2
+
+
+def test_train_size_crops_skip_the_padding_and_switch_at_the_given_step():
+    data = ArrayDataset(torch.full((40, 3, 8, 8), 255, dtype=torch.uint8), torch.zeros(40))
+    loader = BatchLoader(
+        data, 10, preprocess=Preprocess(8, (0, 0, 0), (1, 1, 1)), seed=3, shuffle=True,
+        augment=Augment(crop_padding=4),
+    )  # fmt: skip
+    loader.small = (6, 6)  # the run's first 6 batches at 6x6: 4 in epoch 0, 2 in epoch 1
+    sides, padded = [], []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            sides.append(x.shape[-1])
+            padded.append(bool((x == 0).any()))  # zero padding shows as black pixels
+    assert sides == [6] * 6 + [8] * 2
+    assert not any(padded[:6])  # small crops: inside the image
+    assert all(padded[6:])  # full-size crops: padding 4 on an 8-pixel image always shows
