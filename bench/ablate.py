@@ -40,11 +40,11 @@ IDEAS: dict[str, list[str]] = {
     "warmup=0.1": ["warmup=0.1"],
     "batch=64": ["batch_size=64"],
     "batch=64+lr=0.2": ["batch_size=64", "lr=0.2"],
-    "train_size=24": ["train_size=24"],
-    "train_size=24+pad=0": ["train_size=24", "crop_padding=0"],
-    "train_size=20": ["train_size=20"],
-    "b128+24px to 62.5%": ["batch_size=128", "train_size=24", "train_size_until=0.625"],
-    "b128+24px to 50%": ["batch_size=128", "train_size=24", "train_size_until=0.5"],
+    "24px crops all run": ["train_crop=0.75", "train_crop_until=1.0"],
+    "20px crops all run": ["train_crop=0.625", "train_crop_until=1.0"],
+    "b128+24px to 62.5%": ["batch_size=128", "train_crop=0.75", "train_crop_until=0.625"],
+    "b128+24px to 50%": ["batch_size=128", "train_crop=0.75", "train_crop_until=0.5"],
+    "b128+20px to 62.5%": ["batch_size=128", "train_crop=0.625", "train_crop_until=0.625"],
 }
 
 

@@ -34,7 +34,7 @@ def test_a_recipe_naming_a_base_changes_only_its_own_keys():
     long, fast = resolve_config("cifar10-long"), resolve_config("cifar10-fast")
     assert long.recipe == "cifar10-long" and long.epochs == 5 != fast.epochs
     differ = {k for k, v in long.to_dict().items() if fast.to_dict()[k] != v}
-    assert differ == {"recipe", "epochs", "eval_every", "tta"}
+    assert differ == {"recipe", "epochs", "batch_size", "train_crop", "eval_every", "tta"}
 
 
 def test_old_config_keys_are_migrated_with_a_note(tmp_path):

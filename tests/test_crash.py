@@ -37,6 +37,7 @@ SETTINGS = [
     "input_size=16",
     "batch_size=8",
     "epochs=2",
+    "eval_every=1",
     "lr=0.05",
     "precision=fp32",
     "channels_last=false",

@@ -157,7 +157,7 @@ def test_random_config_files_are_refused_in_one_line(raw, tmp_path, capsys, no_t
         ("seed=-3", "'seed': must be in"),
         ("checkpoint_every_s=-1", "'checkpoint_every_s': must be >= 0"),
         ("recipe=../../etc", "is not a recipe name"),
-        ("epochs=1.5", "'epochs': expected int"),
+        ("batch_size=1.5", "'batch_size': expected int"),
     ],
 )
 def test_out_of_range_values_are_one_line_errors(setting, message, capsys, no_training):

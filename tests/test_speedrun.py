@@ -48,8 +48,8 @@ def run(tmp_path, *extra: str):
         "lookahead_decay=1.0",
         "lookahead_every=-1",
         "holdout=-5",
-        "train_size_until=0.0",
-        "train_size_until=1.5",
+        "train_crop=0.0",
+        "train_crop_until=1.5",
         "warmup_min_steps=-1",
     ],
 )
@@ -230,7 +230,7 @@ def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
 
 
 @pytest.mark.parametrize("until", [1.0, 0.75])
-def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(
+def test_train_crop_trains_on_smaller_crops_and_validates_at_input_size(
     tmp_path, monkeypatch, until
 ):
     seen: list[tuple[bool, int]] = []
@@ -242,15 +242,16 @@ def test_train_size_trains_on_smaller_crops_and_validates_at_input_size(
 
     monkeypatch.setattr(type(build("cifar", num_classes=4)), "forward", spy)
     # 48 images, batch 8: 6 steps a pass, 12 in all; 9 of them (0.75) at 16 when until=0.75
-    _, res = run(tmp_path, "input_size=20", "train_size=16", f"train_size_until={until}")
+    _, res = run(tmp_path, "input_size=20", "train_crop=0.8", f"train_crop_until={until}")
     trained = [s for t, s in seen if t]
     small = round(until * 12)
     assert trained == [16] * small + [20] * (12 - small)  # smaller crops first, in order
     assert {s for t, s in seen if not t} == {20}  # validation: the whole 20x20 image
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].preprocess.input_size == 20
     assert res.history[-1]["val_acc"] >= 0
-    with pytest.raises(UserError, match="train_size.*above the input size 16"):
-        run(tmp_path / "b", "train_size=20")
+    seen.clear()  # crops below the variant's smallest input: none
+    run(tmp_path / "b", "train_crop=0.5", "epochs=1")  # 8: below the cifar variant's 16
+    assert {s for t, s in seen} == {16}
 
 
 def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, monkeypatch):
@@ -266,7 +267,7 @@ def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, m
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training.epoch == 2
 
 
-def test_train_size_crops_skip_the_padding_and_switch_at_the_given_step():
+def test_train_crop_crops_skip_the_padding_and_switch_at_the_given_step():
     data = ArrayDataset(torch.full((40, 3, 8, 8), 255, dtype=torch.uint8), torch.zeros(40))
     loader = BatchLoader(
         data, 10, preprocess=Preprocess(8, (0, 0, 0), (1, 1, 1)), seed=3, shuffle=True,

@@ -257,7 +257,7 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
         return result
 
     monkeypatch.setattr(engine, "validate", validate)
-    cfg = tiny_cfg(tmp_path, "epochs=3", "tta=none", "serve_weights=model")
+    cfg = tiny_cfg(tmp_path, "epochs=3", "eval_every=1", "tta=none", "serve_weights=model")
     given = {} if split else {"train_set": synth(32, 0), "val_set": synth(16, 1)}
     result = train(cfg, progress=False, **given)
     _, meta = load_checkpoint(result.out / "best.safetensors")

@@ -55,8 +55,9 @@ class TrainConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100 | folder (root/train, root/val) | shards
     data_root: str = ""  # empty: --data, else $GOOGLENET_DATA, else ./data
     input_size: int = 32  # training/eval side in pixels; 0: the variant's size (images resized)
-    train_size: int = 0  # train on random crops of this side (unpadded), validate at input_size
-    train_size_until: float = 1.0  # with train_size: share of the steps at it, then input_size
+    train_crop: float = 0.75  # train first on random unpadded crops of this share of input_size
+    #   (no smaller than the variant takes; 1: off), then at input_size; validation: input_size
+    train_crop_until: float = 0.625  # share of the run's steps on train_crop crops
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
     limit_train: int = 0  # use only the first N training images (0: all) for quick runs
@@ -71,8 +72,8 @@ class TrainConfig:
     scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect ratio 3/4-4/3
     photometric: bool = False  # paper's photometric distortions (brightness/contrast/...)
     # --- optimisation ---
-    epochs: float = 2  # passes over the training data; a fraction ends the last pass early
-    batch_size: int = 256  # global batch (split evenly over DDP ranks)
+    epochs: float = 1.6  # passes over the training data; a fraction ends the last pass early
+    batch_size: int = 128  # global batch (split evenly over DDP ranks)
     lr: float = 0.4  # peak learning rate (step schedule: the initial one)
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
@@ -124,7 +125,7 @@ class TrainConfig:
     #   -1: this rank's share of the CPU cores less one (at most 16), 0: threads in this process
     # --- run ---
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
-    eval_every: int = 1  # validate every N epochs (and always after the last)
+    eval_every: int = 2  # validate every N epochs (and always after the last)
     holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
     checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
     tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
@@ -156,7 +157,6 @@ class TrainConfig:
         non_negative = (
             "num_classes",
             "input_size",
-            "train_size",
             "limit_train",
             "limit_val",
             "crop_padding",
@@ -189,10 +189,9 @@ class TrainConfig:
                 f"config key 'norm_bias_lr_scale': must be a positive number, "
                 f"got {self.norm_bias_lr_scale}"
             )
-        if not 0 < self.train_size_until <= 1:
-            raise UserError(
-                f"config key 'train_size_until': must be in (0, 1], got {self.train_size_until}"
-            )
+        for key in ("train_crop", "train_crop_until"):
+            if not 0 < getattr(self, key) <= 1:
+                raise UserError(f"config key {key!r}: must be in (0, 1], got {getattr(self, key)}")
         if not 0 < self.bn_momentum <= 1:
             raise UserError(f"config key 'bn_momentum': must be in (0, 1], got {self.bn_momentum}")
         for key in (

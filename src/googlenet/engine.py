@@ -541,8 +541,6 @@ def _setup(
         loader_pp = Preprocess(size, mean, std, None)
     elif cfg.dataset == "shards":
         loader_pp = Preprocess(size, mean, std, None)
-    if cfg.train_size > size:
-        raise UserError(f"config key 'train_size': {cfg.train_size} is above the input size {size}")
     per_rank = cfg.batch_size // d.world_size
     if len(train_set) < cfg.batch_size:
         raise UserError(
@@ -564,8 +562,11 @@ def _setup(
         del init
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
-    if cfg.train_size:
-        raw.check_input(torch.empty(0, 3, cfg.train_size, cfg.train_size))
+    # smaller crops first: the same pixels per object, fewer per image
+    small = max(round(cfg.train_crop * size), raw.spec.min_input_size)
+    small = small if small < size else 0
+    if small:
+        raw.check_input(torch.empty(0, 3, small, small))
     apply_norm_options(cfg, raw)
     if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
         _whiten(raw, train_set, cfg, size, mean, std)
@@ -632,8 +633,8 @@ def _setup(
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
     total = total_steps(cfg, len(train_loader))
-    if cfg.train_size:  # smaller crops first: the same pixels per object, fewer per image
-        train_loader.small = (cfg.train_size, round(cfg.train_size_until * total))
+    if small:
+        train_loader.small = (small, round(cfg.train_crop_until * total))
     run.served, run.served_reason = serve_rule(cfg, total)
     if cfg.lookahead_every:
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
@@ -657,6 +658,11 @@ def _setup(
             f" x{d.world_size}, {'fp32' if dtype is None else str(dtype)[6:]} autocast,"
             f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs:g} epochs,"
             f" {len(train_loader)} steps/epoch -> {out}"
+            + (
+                f"; {small}x{small} crops for {cfg.train_crop_until:.0%} of the steps"
+                if small
+                else ""
+            )
             + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
             file=sys.stderr,
         )

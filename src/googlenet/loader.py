@@ -65,7 +65,7 @@ class BatchLoader:
         self.preprocess = preprocess  # validation: exactly this; training: its size and stats
         self.input_size = preprocess.input_size
         # (side, steps): the run's first `steps` batches are cropped to this smaller side
-        # (config train_size / train_size_until); None: every batch at input_size
+        # (config train_crop / train_crop_until); None: every batch at input_size
         self.small: tuple[int, int] | None = None
         self.augment = augment
         self.shuffle = shuffle
@@ -197,7 +197,7 @@ class BatchLoader:
             # A source larger than the input is randomly cropped to it (images are stored at
             # the working size: the whole image at the target scale, see datasets.py).
             crop = (min(h, size), min(w, size))
-            # train_size crops come from the unpadded image: they have slack enough, and padding
+            # train_crop crops come from the unpadded image: they have slack enough, and padding
             # them too cost 3.7 points (docs/results.md, 24 from 32 pixels)
             pad = aug.crop_padding if size >= self.input_size else 0
             if pad or flip is not None or crop != (h, w):
