@@ -45,6 +45,7 @@ IDEAS: dict[str, list[str]] = {
     "b128+24px to 62.5%": ["batch_size=128", "train_crop=0.75", "train_crop_until=0.625"],
     "b128+24px to 50%": ["batch_size=128", "train_crop=0.75", "train_crop_until=0.5"],
     "b128+20px to 62.5%": ["batch_size=128", "train_crop=0.625", "train_crop_until=0.625"],
+    "24px to 64.7%": ["train_crop_until=0.647"],
 }
 
 

@@ -283,3 +283,16 @@ def test_train_crop_crops_skip_the_padding_and_switch_at_the_given_step():
     assert sides == [6] * 6 + [8] * 2
     assert not any(padded[:6])  # small crops: inside the image
     assert all(padded[6:])  # full-size crops: padding 4 on an 8-pixel image always shows
+
+
+def test_final_flip_tta_reuses_the_plain_pass_for_its_first_view(tmp_path, monkeypatch):
+    calls: list[int] = []
+    cls = type(build("cifar", num_classes=4))
+    forward = cls.forward
+    monkeypatch.setattr(
+        cls, "forward", lambda self, x: (calls.append(self.training), forward(self, x))[1]
+    )
+    _, res = run(tmp_path, "tta=flip", "eval_every=2")  # 16 val images in 2 batches of 8
+    assert calls.count(False) == 4  # each batch: the plain pass + its mirror, not 3 passes
+    row = res.history[-1]
+    assert {"val_acc", "val_aux1_acc", "val_tta_acc", "val_tta_s"} <= row.keys()

@@ -154,14 +154,18 @@ def validate(
     `predictions` the per-image results are gathered from every rank too. None when `stop`
     was requested before the end (validation abandoned). With `tta` (an input mode of
     evaluate.tta_logits, run as evaluate's runner runs the model) only the main head, its
-    mean logits over the views, reported as val_tta_loss/_acc/_acc5."""
+    mean logits over the views, reported as val_tta_loss/_acc/_acc5 next to the plain pass's
+    val_* (every head), in one pass: the plain logits are the TTA's first view. val_tta_s: the
+    seconds the other views took. `predictions`: those of the TTA score when there is one."""
     from googlenet.evaluate import tta_logits
 
     d = dist or Dist()
     was_training = model.training
     model.eval()
-    heads = 3 if getattr(model, "aux1", None) is not None and tta == "none" else 1
+    heads = 3 if getattr(model, "aux1", None) is not None else 1
     meter = Metrics(model.num_classes, heads, device=device)
+    tta_meter = Metrics(model.num_classes, 1, device=device) if tta != "none" else None
+    tta_s = 0.0
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -175,27 +179,33 @@ def validate(
                 model.train(was_training)
                 return None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if tta != "none":
-                outs = [tta_logits(forward, x, tta)]
-            else:
-                with autocast(device, dtype):
-                    outs = [model(x)]
-                    if heads == 3:
-                        outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
+            x = x.contiguous(memory_format=fmt)
+            with autocast(device, dtype):
+                outs = [model(x)]
+                if heads == 3:
+                    outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
             pred = meter.update(outs, y, _losses(outs, y, smoothing))
+            if tta_meter is not None:
+                t0 = time.perf_counter()
+                outs = [tta_logits(forward, x, tta, first=outs[0])]
+                tta_s += time.perf_counter() - t0
+                pred = tta_meter.update(outs, y, _losses(outs, y, smoothing))
             if predictions:
                 prob = torch.softmax(outs[0].float(), 1).gather(1, pred[:, None])[:, 0]
                 parts.append((y.cpu(), pred.cpu(), prob.cpu()))
     model.train(was_training)
     meter.reduce(lambda t: all_reduce(t, d))
-    prefix = "val" if tta == "none" else "val_tta"
+    row = meter.row("val")
+    if tta_meter is not None:
+        tta_meter.reduce(lambda t: all_reduce(t, d))
+        row |= tta_meter.row("val_tta") | {"val_tta_s": tta_s}
     yielded = getattr(loader, "yielded", None)  # sample indices, as batches came (BatchLoader)
     if not predictions or yielded is None:
-        return meter.row(prefix), None
+        return row, None
     cols = [torch.cat([p[i] for p in parts]) if parts else torch.zeros(0) for i in range(3)]
     index = torch.cat(yielded) if yielded else torch.zeros(0, dtype=torch.int64)
     index, label, pred, prob = gather_by_index(index, cols, d)
-    return meter.row(prefix), ValPredictions(index, label.long(), pred.long(), prob)
+    return row, ValPredictions(index, label.long(), pred.long(), prob)
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -781,16 +791,8 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
     broadcast_buffers(model, run.d)
     if final:
         model = fold_batchnorm(model)
-    result = validate(model, run.val_loader, predictions=final and cfg.tta == "none", **kw)
-    if final and cfg.tta != "none" and result is not None:
-        t0 = time.perf_counter()
-        tta_result = validate(model, run.val_loader, predictions=True, tta=cfg.tta,
-                              channels_last=cfg.channels_last, **kw)  # fmt: skip
-        if tta_result is None:
-            result = None
-        else:
-            result[0].update(tta_result[0], val_tta_s=time.perf_counter() - t0)
-            result = (result[0], tta_result[1])
+    result = validate(model, run.val_loader, predictions=final, tta=cfg.tta if final else "none",
+                      channels_last=cfg.channels_last, **kw)  # fmt: skip
     if result is None:
         assert run.epoch_meter is not None
         _save_mid_epoch(run, epoch, len(run.train_loader), run.epoch_meter)

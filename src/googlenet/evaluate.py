@@ -93,11 +93,14 @@ def shift(x: Tensor, dy: int, dx: int) -> Tensor:
     return p[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
 
 
-def tta_logits(run: Callable[[Tensor], Tensor], x: Tensor, mode: str = "none") -> Tensor:
+def tta_logits(
+    run: Callable[[Tensor], Tensor], x: Tensor, mode: str = "none", first: Tensor | None = None
+) -> Tensor:
     """The mean float logits of `run` (a model forward) over input_views(x, mode): the one
-    definition of input TTA, for training's final validation and for evaluate."""
+    definition of input TTA, for training's final validation and for evaluate. `first`: the
+    logits of views[0] (x itself) when the caller already has them."""
     views = input_views(x, mode)
-    total = run(views[0]).float()
+    total = (run(views[0]) if first is None else first).float()
     for v in views[1:]:
         total = total + run(v).float()
     return total / len(views)
