@@ -296,3 +296,19 @@ def test_final_flip_tta_reuses_the_plain_pass_for_its_first_view(tmp_path, monke
     assert calls.count(False) == 4  # each batch: the plain pass + its mirror, not 3 passes
     row = res.history[-1]
     assert {"val_acc", "val_aux1_acc", "val_tta_acc", "val_tta_s"} <= row.keys()
+
+
+def test_validation_abandoned_in_a_cut_short_pass_saves_that_pass_as_done(tmp_path, monkeypatch):
+    import googlenet.engine as engine
+    from googlenet.interrupt import Interrupted
+
+    real = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda *a, **k: None)  # as if Ctrl-C came in it
+    with pytest.raises(Interrupted):
+        run(tmp_path, "epochs=1.5")  # 48 images, batch 8: 6 steps, then 3 of the next 6
+    state = load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training
+    assert (state.epoch, state.step) == (1, 3)  # the cut-short pass's 3 steps, not 6
+    monkeypatch.setattr(engine, "validate", real)
+    cfg = tiny(tmp_path, "epochs=1.5")
+    res = train(cfg, train_set=synth(48, 0), val_set=synth(16, 1), progress=False, resume=True)
+    assert "val_acc" in res.history[-1]

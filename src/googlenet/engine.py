@@ -572,11 +572,7 @@ def _setup(
         del init
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
-    # smaller crops first: the same pixels per object, fewer per image
-    small = max(round(cfg.train_crop * size), raw.spec.min_input_size)
-    small = small if small < size else 0
-    if small:
-        raw.check_input(torch.empty(0, 3, small, small))
+    small = _small_side(cfg, size, raw)
     apply_norm_options(cfg, raw)
     if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
         _whiten(raw, train_set, cfg, size, mean, std)
@@ -682,14 +678,28 @@ def _setup(
 # --- one epoch, validation, checkpoint --------------------------------------------------------
 
 
+def _small_side(cfg: TrainConfig, size: int, raw: nn.Module) -> int:
+    """The side of the train_crop crops (smaller crops first: the same pixels per object, fewer
+    per image), never below what the variant takes; 0 when that is not below `size`."""
+    small = max(round(cfg.train_crop * size), raw.spec.min_input_size)
+    if small >= size:
+        return 0
+    raw.check_input(torch.empty(0, 3, small, small))
+    return small
+
+
+def _pass_steps(cfg: TrainConfig, epoch: int, steps_per_epoch: int) -> int:
+    """Steps of pass `epoch`: all of them, except in a last pass that `epochs` cuts short."""
+    return min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - epoch * steps_per_epoch)
+
+
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """One pass over the training data (from run.start_step when resuming into this epoch);
     returns the epoch's log row (lr, train metrics). Saves mid-epoch every checkpoint_every_s,
     and on Ctrl-C / SIGTERM saves after the step and raises Interrupted."""
     cfg, d, device = run.cfg, run.d, run.device
     steps_per_epoch = len(run.train_loader)
-    # this pass's steps: all of them, except in a last pass that `epochs` cuts short
-    steps = min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - epoch * steps_per_epoch)
+    steps = _pass_steps(cfg, epoch, steps_per_epoch)
     meter = Metrics(run.num_classes, 3 if cfg.aux_logits else 1, device=device)
     start = run.start_step if epoch == run.start_epoch else 0
     if start:  # the RNG states came with the checkpoint; so did the epoch's counts so far
@@ -795,7 +805,8 @@ def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
                       channels_last=cfg.channels_last, **kw)  # fmt: skip
     if result is None:
         assert run.epoch_meter is not None
-        _save_mid_epoch(run, epoch, len(run.train_loader), run.epoch_meter)
+        _save_mid_epoch(run, epoch, _pass_steps(cfg, epoch, len(run.train_loader)),
+                        run.epoch_meter)  # fmt: skip
         _interrupted(run, f"the validation after epoch {epoch + 1} (it reruns on resume)")
     assert result is not None
     row, preds = result
