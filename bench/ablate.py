@@ -46,6 +46,16 @@ IDEAS: dict[str, list[str]] = {
     "b128+24px to 50%": ["batch_size=128", "train_crop=0.75", "train_crop_until=0.5"],
     "b128+20px to 62.5%": ["batch_size=128", "train_crop=0.625", "train_crop_until=0.625"],
     "24px to 64.7%": ["train_crop_until=0.647"],
+    "lr=0.3": ["lr=0.3"],
+    "lr=0.25": ["lr=0.25"],
+    "lr=0.2": ["lr=0.2"],
+    "ema_decay=0.98": ["ema_decay=0.98"],
+    "ema_decay=0.995": ["ema_decay=0.995"],
+    "label_smoothing=0.1": ["label_smoothing=0.1"],
+    "no lookahead": ["lookahead_every=0"],
+    "weight_decay=1e-3": ["weight_decay=1e-3"],
+    "24 then 28 px stages": ["train_crop_stages=2"],
+    "24 then 28 px stages to 70%": ["train_crop_stages=2", "train_crop_until=0.7"],
 }
 
 

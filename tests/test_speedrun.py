@@ -50,6 +50,7 @@ def run(tmp_path, *extra: str):
         "holdout=-5",
         "train_crop=0.0",
         "train_crop_until=1.5",
+        "train_crop_stages=0",
         "warmup_min_steps=-1",
     ],
 )
@@ -249,6 +250,10 @@ def test_train_crop_trains_on_smaller_crops_and_validates_at_input_size(
     assert {s for t, s in seen if not t} == {20}  # validation: the whole 20x20 image
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].preprocess.input_size == 20
     assert res.history[-1]["val_acc"] >= 0
+    seen.clear()  # two stages: 9 steps split 4 + 5 (round half to even), sides 16 then 18
+    run(tmp_path / "s", "input_size=20", "train_crop=0.8", "train_crop_until=0.75",
+        "train_crop_stages=2")  # fmt: skip
+    assert [s for t, s in seen if t] == [16] * 4 + [18] * 5 + [20] * 3
     seen.clear()  # crops below the variant's smallest input: none
     run(tmp_path / "b", "train_crop=0.5", "epochs=1")  # 8: below the cifar variant's 16
     assert {s for t, s in seen} == {16}
@@ -273,7 +278,7 @@ def test_train_crop_crops_skip_the_padding_and_switch_at_the_given_step():
         data, 10, preprocess=Preprocess(8, (0, 0, 0), (1, 1, 1)), seed=3, shuffle=True,
         augment=Augment(crop_padding=4),
     )  # fmt: skip
-    loader.small = (6, 6)  # the run's first 6 batches at 6x6: 4 in epoch 0, 2 in epoch 1
+    loader.small = [(6, 6)]  # the run's first 6 batches at 6x6: 4 in epoch 0, 2 in epoch 1
     sides, padded = [], []
     for epoch in range(2):
         loader.set_epoch(epoch)

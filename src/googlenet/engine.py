@@ -572,7 +572,6 @@ def _setup(
         del init
     raw.train()
     raw.check_input(torch.empty(0, 3, size, size))
-    small = _small_side(cfg, size, raw)
     apply_norm_options(cfg, raw)
     if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
         _whiten(raw, train_set, cfg, size, mean, std)
@@ -639,8 +638,7 @@ def _setup(
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
     total = total_steps(cfg, len(train_loader))
-    if small:
-        train_loader.small = (small, round(cfg.train_crop_until * total))
+    train_loader.small = stages = _crop_stages(cfg, size, raw, total)
     run.served, run.served_reason = serve_rule(cfg, total)
     if cfg.lookahead_every:
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
@@ -665,8 +663,9 @@ def _setup(
             f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs:g} epochs,"
             f" {len(train_loader)} steps/epoch -> {out}"
             + (
-                f"; {small}x{small} crops for {cfg.train_crop_until:.0%} of the steps"
-                if small
+                f"; {', '.join(f'{s}x{s}' for s, _ in stages)} crops for"
+                f" {cfg.train_crop_until:.0%} of the steps"
+                if stages
                 else ""
             )
             + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
@@ -678,14 +677,20 @@ def _setup(
 # --- one epoch, validation, checkpoint --------------------------------------------------------
 
 
-def _small_side(cfg: TrainConfig, size: int, raw: nn.Module) -> int:
-    """The side of the train_crop crops (smaller crops first: the same pixels per object, fewer
-    per image), never below what the variant takes; 0 when that is not below `size`."""
+def _crop_stages(cfg: TrainConfig, size: int, raw: nn.Module, total: int) -> list[tuple[int, int]]:
+    """(side, end step) of each train_crop stage (smaller crops first: the same pixels per
+    object, fewer per image), never below what the variant takes; [] when that is not below
+    `size`. The train_crop_until steps split evenly into train_crop_stages growing sides."""
     small = max(round(cfg.train_crop * size), raw.spec.min_input_size)
     if small >= size:
-        return 0
-    raw.check_input(torch.empty(0, 3, small, small))
-    return small
+        return []
+    n, steps = cfg.train_crop_stages, round(cfg.train_crop_until * total)
+    stages = []
+    for k in range(n):
+        side = small + round((size - small) * k / n)
+        raw.check_input(torch.empty(0, 3, side, side))
+        stages.append((side, round(steps * (k + 1) / n)))
+    return stages
 
 
 def _pass_steps(cfg: TrainConfig, epoch: int, steps_per_epoch: int) -> int:

@@ -64,9 +64,9 @@ class BatchLoader:
         self.batch_size = batch_size
         self.preprocess = preprocess  # validation: exactly this; training: its size and stats
         self.input_size = preprocess.input_size
-        # (side, steps): the run's first `steps` batches are cropped to this smaller side
-        # (config train_crop / train_crop_until); None: every batch at input_size
-        self.small: tuple[int, int] | None = None
+        # (side, end step) pairs in order: the run's batches before each end step are cropped
+        # to its smaller side (config train_crop*); empty: every batch at input_size
+        self.small: list[tuple[int, int]] = []
         self.augment = augment
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -164,9 +164,8 @@ class BatchLoader:
 
     def side(self, i: int) -> int:
         """The training side of batch i of the current epoch."""
-        if self.small is not None and self.epoch * len(self) + i < self.small[1]:
-            return self.small[0]
-        return self.input_size
+        step = self.epoch * len(self) + i
+        return next((side for side, end in self.small if step < end), self.input_size)
 
     def transform(
         self,
