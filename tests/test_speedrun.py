@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,6 +97,30 @@ def test_norm_bias_group_gets_scaled_lr(tmp_path):
     # and it trains end to end
     _, res = run(tmp_path / "e2e", "norm_bias_lr_scale=64", "lr=0.01")
     assert res.metrics["val_acc"] >= 0 and torch.isfinite(torch.tensor(res.metrics["val_loss"]))
+
+
+def test_fused_sgd_steps_like_the_per_tensor_loop(tmp_path):
+    from googlenet.optim import make_optimizer, set_lr
+
+    cfg = tiny(tmp_path, "norm_bias_lr_scale=8", "weight_decay=0.01")
+    torch.manual_seed(0)
+    a = build("cifar", num_classes=4)
+    b, start = copy.deepcopy(a), copy.deepcopy(a)
+    fused, loop = make_optimizer(cfg, a), make_optimizer(cfg, b)
+    assert fused.defaults["fused"] and len(fused.param_groups) == 3  # decay, no decay, BN bias
+    for g in loop.param_groups:
+        g["fused"], g["foreach"] = False, False
+    for step in range(3):
+        for opt, net in ((fused, a), (loop, b)):
+            set_lr(opt, 0.1 * (step + 1))
+            torch.manual_seed(step)  # the same gradients for both
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6), "fused SGD left the reference update"
+    moved = zip(a.parameters(), start.parameters(), strict=True)
+    assert all(not torch.equal(p, q) for p, q in moved)
 
 
 def test_lookahead_pulls_to_the_slow_copy_and_ends_on_it():

@@ -103,11 +103,15 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if not groups:
         raise UserError("every parameter is frozen: nothing to train")
     order = [(k, h) for h in (False, True) for k in ("decay", "no_decay", "bias")]
+    params = [p for g in groups.values() for p in g["params"]]
     return torch.optim.SGD(
         [groups[key] for key in order if key in groups],
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
+        # one vectorised pass per tensor; on a CPU torch's default is a Python loop of ~4 ops
+        # per tensor (the cifar variant's step: 14.5 -> 8 ms, bench in docs/results.md)
+        fused=all(p.device.type in ("cpu", "cuda") for p in params) or None,
     )
 
 
