@@ -85,7 +85,9 @@ def main() -> None:
         accs = [r["val_acc"] for r in res.history if "val_acc" in r]  # validated epochs
         row = {"name": name, "sets": sets, "epochs": epochs, "val_acc": accs,
                "images_per_s": res.history[-1]["images_per_s"],
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+               "seconds": round(time.perf_counter() - t0, 1),
+               # with a holdout the run serves the better of raw and EMA weights: both scores
+               "final": {k: v for k, v in res.history[-1].items() if k[:4] == "val_"}}  # fmt: skip
         rows.append(row)
         with open(a.log, "a") as f:
             f.write(json.dumps(row) + "\n")
