@@ -54,6 +54,8 @@ IDEAS: dict[str, list[str]] = {
     "label_smoothing=0.1": ["label_smoothing=0.1"],
     "no lookahead": ["lookahead_every=0"],
     "weight_decay=1e-3": ["weight_decay=1e-3"],
+    "recipe as is": [],
+    "no lookahead, no ema": ["lookahead_every=0", "ema=false"],
     "24 then 28 px stages": ["train_crop_stages=2"],
     "24 then 28 px stages to 70%": ["train_crop_stages=2", "train_crop_until=0.7"],
 }
