@@ -55,7 +55,7 @@ IDEAS: dict[str, list[str]] = {
     "no lookahead": ["lookahead_every=0"],
     "weight_decay=1e-3": ["weight_decay=1e-3"],
     "recipe as is": [],
-    "no lookahead, no ema": ["lookahead_every=0", "ema=false"],
+    "no lookahead or ema": ["lookahead_every=0", "ema=false"],
     "24 then 28 px stages": ["train_crop_stages=2"],
     "24 then 28 px stages to 70%": ["train_crop_stages=2", "train_crop_until=0.7"],
 }
