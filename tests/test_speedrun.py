@@ -123,6 +123,36 @@ def test_fused_sgd_steps_like_the_per_tensor_loop(tmp_path):
     assert all(not torch.equal(p, q) for p, q in moved)
 
 
+def test_restored_momentum_keeps_the_channels_last_layout_fused_sgd_needs(tmp_path):
+    from googlenet.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
+    from googlenet.optim import make_optimizer
+
+    cfg = tiny(tmp_path)
+    torch.manual_seed(0)
+    net = build("cifar", num_classes=4).to(memory_format=torch.channels_last)
+    opt = make_optimizer(cfg, net)
+
+    def step(o: torch.optim.Optimizer, n: nn.Module, seed: int) -> None:
+        torch.manual_seed(seed)
+        for p in n.parameters():
+            p.grad = torch.randn_like(p)
+        o.step()
+
+    step(opt, net, 0)
+    tensors, rest = optimizer_state_to_tensors(opt)
+    # copies in the layout a file gives back
+    tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    net2 = copy.deepcopy(net)
+    opt2 = make_optimizer(cfg, net2)
+    optimizer_state_from_tensors(opt2, tensors, rest)
+    w = net2.conv3.conv.weight
+    assert opt2.state[w]["momentum_buffer"].stride() == w.stride()
+    step(opt, net, 1)
+    step(opt2, net2, 1)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)  # the resumed step is the uninterrupted one
+
+
 def test_lookahead_pulls_to_the_slow_copy_and_ends_on_it():
     net = nn.Linear(3, 1)
     la = Lookahead(net, every=2, decay=0.5, total_steps=4)

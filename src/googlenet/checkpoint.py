@@ -480,3 +480,11 @@ def optimizer_state_from_tensors(
     for idx, st in rest.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(st)
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    # Stored tensors come back contiguous; a channels_last parameter's momentum must come back
+    # in its layout: torch's fused CPU SGD walks both as flat memory (a mismatch updated the
+    # wrong elements after a resume, silently).
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
