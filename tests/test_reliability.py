@@ -130,7 +130,8 @@ def test_run_files_follow_the_umask(tmp_path):
 
 # One thread: fast, and far less hurt than two by a busy machine (OpenMP spin-waits).
 TINY = ["input_size=16", "batch_size=8", "lr=0.03", "precision=fp32", "channels_last=false",
-        "dropout=0.3", "ema_decay=0.9", "checkpoint_every_s=0", "workers=1"]  # fmt: skip
+        "dropout=0.3", "ema=true", "ema_decay=0.9", "checkpoint_every_s=0",
+        "workers=1"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from googlenet.optim import serve_rule
 from tests.conftest import synth
 
 BASE = ["input_size=16", "batch_size=8", "lr=0.05", "precision=fp32", "channels_last=false",
-        "epochs=1", "tta=none"]  # fmt: skip
+        "epochs=1", "tta=none", "ema=true"]  # fmt: skip
 
 
 def _train(tmp_path, *extra: str, n_train: int = 16):
@@ -87,11 +87,12 @@ def test_holdout_comparison_serves_the_better_on_held_out_images(tmp_path):
 def test_the_rule_never_needs_the_test_set():
     cfg = resolve_config(overrides=["ema=false"])
     assert serve_rule(cfg, 10_000) == ("model", "no weight averaging")
-    assert serve_rule(resolve_config(overrides=["serve_weights=ema"]), 1)[0] == "ema"
-    assert serve_rule(resolve_config(overrides=["serve_weights=model"]), 10**6)[0] == "model"
-    assert serve_rule(resolve_config(overrides=["holdout=100"]), 10)[0] is None
-    assert serve_rule(resolve_config(), 99)[0] == "model"
-    assert serve_rule(resolve_config(), 100)[0] == "ema"
+    ema = ["ema=true"]  # the default recipe averages no weights
+    assert serve_rule(resolve_config(overrides=[*ema, "serve_weights=ema"]), 1)[0] == "ema"
+    assert serve_rule(resolve_config(overrides=[*ema, "serve_weights=model"]), 10**6)[0] == "model"
+    assert serve_rule(resolve_config(overrides=[*ema, "holdout=100"]), 10)[0] is None
+    assert serve_rule(resolve_config(overrides=ema), 99)[0] == "model"
+    assert serve_rule(resolve_config(overrides=ema), 100)[0] == "ema"
     with pytest.raises(UserError, match="serve_weights"):
         resolve_config(overrides=["serve_weights=ema", "ema=false"])
     with pytest.raises(UserError, match="serve_weights.*'average'"):

@@ -95,7 +95,7 @@ class TrainConfig:
     norm_bias_lr_scale: float = 8.0  # learning-rate multiplier for BatchNorm biases
     freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (not the fine-tuning `freeze`)
     bn_momentum: float = 0.1  # BatchNorm running-statistics momentum (torch's convention)
-    lookahead_every: int = 5  # every N steps pull the weights to a slow copy (0: off)
+    lookahead_every: int = 0  # every N steps pull the weights to a slow copy (0: off)
     lookahead_decay: float = 0.77  # slow copy's decay at the end of the run, ramped as (t/T)^3
     whiten_init: bool = True  # conv1 from the whitening of training patches (skipped with init)
     alternate_flip: bool = True  # flip each image on alternate epochs instead of at random
@@ -105,7 +105,7 @@ class TrainConfig:
     freeze: str = ""  # freeze every block up to and including this one (summary's names)
     backbone_lr_scale: float = 1.0  # lr factor for every parameter outside aux1/aux2/fc
     # --- weight averaging (the averaged weights are validated and exported) ---
-    ema: bool = True  # exponential moving average of the weights
+    ema: bool = False  # exponential moving average of the weights
     ema_decay: float = 0.99  # EMA decay per step (ramped up over the first steps)
     polyak: bool = False  # paper's Polyak averaging: the plain mean of all iterates
     serve_weights: str = "auto"  # weights the checkpoint serves (validated, loaded, exported):
