@@ -299,7 +299,8 @@ def test_train_crop_trains_on_smaller_crops_and_validates_at_input_size(
 
     monkeypatch.setattr(type(build("cifar", num_classes=4)), "forward", spy)
     # 48 images, batch 8: 6 steps a pass, 12 in all; 9 of them (0.75) at 16 when until=0.75
-    _, res = run(tmp_path, "input_size=20", "train_crop=0.8", f"train_crop_until={until}")
+    _, res = run(tmp_path, "input_size=20", "train_crop=0.8", f"train_crop_until={until}",
+                 "train_crop_stages=1")  # fmt: skip
     trained = [s for t, s in seen if t]
     small = round(until * 12)
     assert trained == [16] * small + [20] * (12 - small)  # smaller crops first, in order
