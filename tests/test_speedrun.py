@@ -322,8 +322,19 @@ def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, m
     lrs: list[float] = []
     set_lr = engine.set_lr
     monkeypatch.setattr(engine, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr)))
+    built: list[int] = []  # training batches the loader built (validation passes no augment)
+    transform = BatchLoader.transform
+    monkeypatch.setattr(
+        BatchLoader,
+        "transform",
+        lambda self, x, *a: (
+            built.append(len(x)) if self.augment is not None else None,
+            transform(self, x, *a),
+        )[1],
+    )
     _, res = run(tmp_path, "epochs=1.5", "warmup=0.5")  # 48 images, batch 8: 6 steps a pass
     assert len(lrs) == 9  # 6 + 3
+    assert len(built) == 9  # the cut-short pass builds no batch it does not train on
     assert max(lrs) == pytest.approx(0.03) and lrs[-1] == 0.0  # one-cycle over the 9 steps
     assert [r["epoch"] for r in res.history] == [1, 2] and "val_acc" in res.history[-1]
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training.epoch == 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import shlex
@@ -482,6 +483,22 @@ def _train(run: _Run) -> RunResult:
     )
 
 
+@dataclass
+class _Data:
+    """The datasets as training and validation see them, and how images become tensors."""
+
+    train_set: Any
+    val_set: Any
+    size: int  # the side validation feeds the model
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    val_pp: Preprocess  # recorded in every checkpoint, as validation uses it
+    loader_pp: Preprocess  # what the loaders apply (less where images are stored prepared)
+    record: dict[str, Any]  # where the validation images come from (checkpoint metadata)
+    classes: list[str]
+    num_classes: int
+
+
 def _setup(
     cfg: TrainConfig,
     d: Dist,
@@ -494,10 +511,7 @@ def _setup(
 ) -> _Run:
     """Data, model, optimizer, loaders and the run folder (restored from `last` on resume)."""
     from googlenet import finetune
-    from googlenet.augment import Augment
-    from googlenet.datasets import ArrayDataset, norm_stats
     from googlenet.logs import RunLog
-    from googlenet.model import build
 
     init = None
     # A resume restores its own checkpoint instead; one killed before its first starts afresh.
@@ -516,114 +530,23 @@ def _setup(
         raise UserError(
             f"config key 'batch_size': {cfg.batch_size} does not split over {d.world_size} ranks"
         )
-    from googlenet.model import get_spec
-
-    # What validation feeds the model; recorded in every checkpoint as it is used.
-    size = cfg.input_size or get_spec(cfg.variant).input_size
-    mean, std = norm_stats(cfg.dataset)
-    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std  # e.g. from an init checkpoint
-    stored = cfg.dataset in ("folder", "shards")  # kept as working squares, not whole files
-    if stored and _working_side(cfg, size) < size:
-        raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
-    val_pp = Preprocess(size, mean, std, _working_side(cfg, size) if stored else size)
-    val_record: dict[str, Any] = {"dataset": "given"}
-    if train_set is None or val_set is None:
-        loaded = _load_data(cfg, data_root, val_pp, out)
-        train_set = train_set if train_set is not None else loaded[0]
-        val_set = val_set if val_set is not None else loaded[1]
-        val_record = loaded[2]
-    if cfg.holdout:  # validate on held-out training images, not the test set
-        train_set, val_set = hold_out(train_set, cfg.holdout, cfg.seed)
-        root = val_record.get("root")  # evaluate/report rebuild the split from it
-        val_record = {"dataset": "holdout", "holdout": cfg.holdout, "seed": cfg.seed}
-        val_record |= {"root": root} if root else {}
-    if train_set is not None and cfg.limit_train and val_record["dataset"] in ("given", "holdout"):
-        train_set = train_set.subset(
-            stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
-        )
-    if cfg.limit_val and val_record["dataset"] in ("given", "holdout"):
-        val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
-    # Images stored already prepared (folders, shards) only need the crop and normalisation.
-    prepared = getattr(val_set, "prepared", None)
-    loader_pp = val_pp
-    if prepared is not None:
-        val_pp = Preprocess(size, mean, std, prepared.resize)
-        loader_pp = Preprocess(size, mean, std, None)
-    elif cfg.dataset == "shards":
-        loader_pp = Preprocess(size, mean, std, None)
-    per_rank = cfg.batch_size // d.world_size
-    if len(train_set) < cfg.batch_size:
-        raise UserError(
-            f"config key 'batch_size': {cfg.batch_size} is larger than the "
-            f"{len(train_set)} training images"
-        )
-    classes, num_classes = _check_labels(cfg, train_set, val_set)
-
-    # Model: same seed on every rank (DDP also broadcasts rank 0's weights).
-    torch.manual_seed(cfg.seed)
-    args = model_args(cfg, num_classes)
-    raw = build(args["variant"], **{k: v for k, v in args.items() if k != "variant"})
-    init_record = None
-    if init is not None:
-        report = finetune.apply_init(raw, init, classes, cfg.init_partial)
-        for line in report.lines():
-            note(line)
-        init_record = report.record(finetune.checksum(init.path))
-        del init
-    raw.train()
-    raw.check_input(torch.empty(0, 3, size, size))
-    apply_norm_options(cfg, raw)
-    if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
-        _whiten(raw, train_set, cfg, size, mean, std)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    raw = raw.to(device, memory_format=fmt)
-    if cfg.sync_bn and d.enabled:  # BN statistics over the global batch (same parameters)
-        if device.type != "cuda":
-            raise UserError("config key 'sync_bn': SyncBatchNorm needs CUDA GPUs (NCCL)")
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    # After any module swap (SyncBatchNorm), so that the frozen layers are the ones trained.
-    frozen = finetune.freeze(raw, cfg.freeze) if cfg.freeze else []
+    data = _setup_data(cfg, out, train_set, val_set, data_root)
     dtype = pick_dtype(cfg.precision, device)
-    if cfg.fast_pool and device.type == "cpu" and dtype is torch.bfloat16 and cfg.channels_last:
-        from googlenet.fastpool import use_fast_pool
-
-        if not use_fast_pool(raw):
-            note("fast_pool: the C kernel is unavailable (no C compiler?); ATen's max-pool is used")
+    raw, args, init_record, frozen = _setup_model(cfg, d, device, dtype, data, init)
+    del init
     opt = make_optimizer(cfg, raw)
     avg = WeightAverage(raw, cfg.ema_decay, cfg.polyak) if cfg.ema or cfg.polyak else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-
-    augment = Augment(
-        crop_padding=cfg.crop_padding,
-        flip=cfg.flip,
-        cutout=cfg.cutout,
-        scale_aspect=cfg.scale_aspect,
-        photometric=cfg.photometric,
-        alternate_flip=cfg.alternate_flip,
-    )
-    loader_kw: dict[str, Any] = dict(device=device, rank=d.rank, world_size=d.world_size,
-                                     channels_last=cfg.channels_last)  # fmt: skip
-    if not isinstance(train_set, ArrayDataset):  # decoded from files while training
-        loader_kw["workers"] = loader_workers(cfg)
-    if cfg.dataset == "shards" and not isinstance(train_set, ArrayDataset):
-        from googlenet.shards import ShardLoader
-
-        loader_cls: Any = functools.partial(ShardLoader, size=_working_side(cfg, size))
-    else:
-        loader_cls = BatchLoader
-    train_loader = loader_cls(
-        train_set, per_rank, preprocess=loader_pp, augment=augment, shuffle=True, drop_last=True,
-        seed=cfg.seed, **loader_kw,
-    )  # fmt: skip
-    val_loader = loader_cls(val_set, per_rank, preprocess=loader_pp, **loader_kw)
+    per_rank = cfg.batch_size // d.world_size
+    train_loader, val_loader = _make_loaders(cfg, d, device, data, per_rank)
 
     provenance: dict[str, Any] = {"source": "train", "config": cfg.to_dict()}
     if init_record is not None:
         provenance["init"] = init_record
     meta_base = CheckpointMeta(
         model=args,
-        classes=classes,
-        preprocess=val_pp,
+        classes=data.classes,
+        preprocess=data.val_pp,
         dataset=cfg.dataset,
         provenance=provenance,
         validation=Validation(
@@ -631,14 +554,14 @@ def _setup(
             precision=_precision_name(dtype),
             batch_size=per_rank,
             channels_last=cfg.channels_last,
-            data=val_record,
+            data=data.record,
         ),
     )
     log = RunLog(out)
     run = _Run(cfg, d, out, device, dtype, raw, raw, opt, avg, scaler, train_loader, val_loader,
                meta_base, log, progress)  # fmt: skip
     total = total_steps(cfg, len(train_loader))
-    train_loader.small = stages = _crop_stages(cfg, size, raw, total)
+    train_loader.small = stages = _crop_stages(cfg, data.size, raw, total)
     run.served, run.served_reason = serve_rule(cfg, total)
     if cfg.lookahead_every:
         run.lookahead = Lookahead(raw, cfg.lookahead_every, cfg.lookahead_decay, total)
@@ -657,21 +580,153 @@ def _setup(
         run.net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
 
     if d.main and progress:
-        print(
-            f"training {cfg.variant} ({num_classes} classes, {size}x{size}) on {device.type}"
-            f" x{d.world_size}, {'fp32' if dtype is None else str(dtype)[6:]} autocast,"
-            f" {len(train_set)} train / {len(val_set)} val images, {cfg.epochs:g} epochs,"
-            f" {len(train_loader)} steps/epoch -> {out}"
-            + (
-                f"; {', '.join(f'{s}x{s}' for s, _ in stages)} crops for"
-                f" {cfg.train_crop_until:.0%} of the steps"
-                if stages
-                else ""
-            )
-            + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
-            file=sys.stderr,
-        )
+        _print_banner(run, data, stages, frozen)
     return run
+
+
+def _setup_data(
+    cfg: TrainConfig, out: Path, train_set: Any, val_set: Any, data_root: str | Path | None
+) -> _Data:
+    """Load (or take) the datasets, hold out / limit them as configured, check the labels."""
+    from googlenet.datasets import norm_stats
+    from googlenet.model import get_spec
+
+    # What validation feeds the model; recorded in every checkpoint as it is used.
+    size = cfg.input_size or get_spec(cfg.variant).input_size
+    mean, std = norm_stats(cfg.dataset)
+    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std  # e.g. from an init checkpoint
+    stored = cfg.dataset in ("folder", "shards")  # kept as working squares, not whole files
+    if stored and _working_side(cfg, size) < size:
+        raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
+    val_pp = Preprocess(size, mean, std, _working_side(cfg, size) if stored else size)
+    record: dict[str, Any] = {"dataset": "given"}
+    if train_set is None or val_set is None:
+        loaded = _load_data(cfg, data_root, val_pp, out)
+        train_set = train_set if train_set is not None else loaded[0]
+        val_set = val_set if val_set is not None else loaded[1]
+        record = loaded[2]
+    if cfg.holdout:  # validate on held-out training images, not the test set
+        train_set, val_set = hold_out(train_set, cfg.holdout, cfg.seed)
+        root = record.get("root")  # evaluate/report rebuild the split from it
+        record = {"dataset": "holdout", "holdout": cfg.holdout, "seed": cfg.seed}
+        record |= {"root": root} if root else {}
+    if train_set is not None and cfg.limit_train and record["dataset"] in ("given", "holdout"):
+        train_set = train_set.subset(
+            stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
+        )
+    if cfg.limit_val and record["dataset"] in ("given", "holdout"):
+        val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
+    # Images stored already prepared (folders, shards) only need the crop and normalisation.
+    prepared = getattr(val_set, "prepared", None)
+    loader_pp = val_pp
+    if prepared is not None:
+        val_pp = Preprocess(size, mean, std, prepared.resize)
+        loader_pp = Preprocess(size, mean, std, None)
+    elif cfg.dataset == "shards":
+        loader_pp = Preprocess(size, mean, std, None)
+    if len(train_set) < cfg.batch_size:
+        raise UserError(
+            f"config key 'batch_size': {cfg.batch_size} is larger than the "
+            f"{len(train_set)} training images"
+        )
+    classes, num_classes = _check_labels(cfg, train_set, val_set)
+    return _Data(train_set, val_set, size, mean, std, val_pp, loader_pp, record, classes,
+                 num_classes)  # fmt: skip
+
+
+def _setup_model(
+    cfg: TrainConfig,
+    d: Dist,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    data: _Data,
+    init: Any,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None, list[str]]:
+    """The model on its device: built, initialised (init checkpoint or whitening), frozen as
+    configured. Returns it, its build args, the init record and the frozen layers' names."""
+    from googlenet import finetune
+    from googlenet.model import build
+
+    # Same seed on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(cfg.seed)
+    args = model_args(cfg, data.num_classes)
+    raw = build(args["variant"], **{k: v for k, v in args.items() if k != "variant"})
+    init_record = None
+    if init is not None:
+        report = finetune.apply_init(raw, init, data.classes, cfg.init_partial)
+        for line in report.lines():
+            note(line)
+        init_record = report.record(finetune.checksum(init.path))
+    raw.train()
+    raw.check_input(torch.empty(0, 3, data.size, data.size))
+    apply_norm_options(cfg, raw)
+    if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
+        _whiten(raw, data.train_set, cfg, data.size, data.mean, data.std)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    raw = raw.to(device, memory_format=fmt)
+    if cfg.sync_bn and d.enabled:  # BN statistics over the global batch (same parameters)
+        if device.type != "cuda":
+            raise UserError("config key 'sync_bn': SyncBatchNorm needs CUDA GPUs (NCCL)")
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    # After any module swap (SyncBatchNorm), so that the frozen layers are the ones trained.
+    frozen = finetune.freeze(raw, cfg.freeze) if cfg.freeze else []
+    if cfg.fast_pool and device.type == "cpu" and dtype is torch.bfloat16 and cfg.channels_last:
+        from googlenet.fastpool import use_fast_pool
+
+        if not use_fast_pool(raw):
+            note("fast_pool: the C kernel is unavailable (no C compiler?); ATen's max-pool is used")
+    return raw, args, init_record, frozen
+
+
+def _make_loaders(
+    cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
+) -> tuple[Any, Any]:
+    """The training loader (shuffled, augmented, whole batches) and the validation loader."""
+    from googlenet.augment import Augment
+    from googlenet.datasets import ArrayDataset
+
+    augment = Augment(
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        cutout=cfg.cutout,
+        scale_aspect=cfg.scale_aspect,
+        photometric=cfg.photometric,
+        alternate_flip=cfg.alternate_flip,
+    )
+    kw: dict[str, Any] = dict(device=device, rank=d.rank, world_size=d.world_size,
+                              channels_last=cfg.channels_last)  # fmt: skip
+    if not isinstance(data.train_set, ArrayDataset):  # decoded from files while training
+        kw["workers"] = loader_workers(cfg)
+    if cfg.dataset == "shards" and not isinstance(data.train_set, ArrayDataset):
+        from googlenet.shards import ShardLoader
+
+        loader_cls: Any = functools.partial(ShardLoader, size=_working_side(cfg, data.size))
+    else:
+        loader_cls = BatchLoader
+    train_loader = loader_cls(
+        data.train_set, per_rank, preprocess=data.loader_pp, augment=augment, shuffle=True,
+        drop_last=True, seed=cfg.seed, **kw,
+    )  # fmt: skip
+    return train_loader, loader_cls(data.val_set, per_rank, preprocess=data.loader_pp, **kw)
+
+
+def _print_banner(run: _Run, data: _Data, stages: list[tuple[int, int]], frozen: list[str]) -> None:
+    cfg, d = run.cfg, run.d
+    print(
+        f"training {cfg.variant} ({data.num_classes} classes, {data.size}x{data.size}) on"
+        f" {run.device.type} x{d.world_size},"
+        f" {'fp32' if run.dtype is None else str(run.dtype)[6:]} autocast,"
+        f" {len(data.train_set)} train / {len(data.val_set)} val images, {cfg.epochs:g} epochs,"
+        f" {len(run.train_loader)} steps/epoch -> {run.out}"
+        + (
+            f"; {', '.join(f'{s}x{s}' for s, _ in stages)} crops for"
+            f" {cfg.train_crop_until:.0%} of the steps"
+            if stages
+            else ""
+        )
+        + (f"; frozen {frozen[0]}..{frozen[-1]}" if frozen else ""),
+        file=sys.stderr,
+    )
 
 
 # --- one epoch, validation, checkpoint --------------------------------------------------------
@@ -718,9 +773,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     bar = _bar(steps, epoch, epoch_count(cfg), enabled=d.main and run.progress)
     if bar is not None:
         bar.update(start)
-    for i, (x, y) in enumerate(run.train_loader, start):
-        if i >= steps:  # a fractional last pass ends here
-            break
+    # islice: a fractional last pass ends without building a batch it would not use
+    for i, (x, y) in enumerate(itertools.islice(run.train_loader, steps - start), start):
         run.trace(f"step-begin {epoch} {i}")
         step = epoch * steps_per_epoch + i
         lr = lr_at(cfg, step, steps_per_epoch)
