@@ -776,35 +776,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     # islice: a fractional last pass ends without building a batch it would not use
     for i, (x, y) in enumerate(itertools.islice(run.train_loader, steps - start), start):
         run.trace(f"step-begin {epoch} {i}")
-        step = epoch * steps_per_epoch + i
-        lr = lr_at(cfg, step, steps_per_epoch)
-        set_lr(run.opt, lr)
-        with autocast(device, run.dtype):
-            outs = _outputs(run.net(x))
-        losses = _losses(outs, y, cfg.label_smoothing)
-        loss = losses[0] + cfg.aux_weight * sum(losses[1:], torch.zeros((), device=device))
-        # One all-reduce for both flags, so every rank stops at the same step.
-        stopping = run.stop is not None and run.stop.requested
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(stopping), device=device)])  # fmt: skip
-        bad, stop = all_reduce(flags, d, "max").tolist()
-        if bad:
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1} (lr {lr:g}); "
-                f"training stopped, {run.out / 'last.safetensors'} is the last good checkpoint"
-            )
-        run.opt.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            run.scaler.unscale_(run.opt)
-            nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.clip_grad)
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        if run.lookahead is not None:
-            run.lookahead.step(run.raw, step)
-        if run.avg is not None:
-            run.avg.update(run.raw)
-        meter.update(outs, y, losses)
+        stop = _train_step(run, epoch, i, x, y, meter)
         if bar is not None:
             done = (i + 1 - start) * cfg.batch_size
             bar.set_postfix(
@@ -839,6 +811,44 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             f"{run.out / 'last.safetensors'} is the last good checkpoint"
         )
     return row
+
+
+def _train_step(run: _Run, epoch: int, i: int, x: Tensor, y: Tensor, meter: Metrics) -> bool:
+    """Step i of pass `epoch`: forward, the loss with the aux heads weighted, backward, the
+    optimizer and weight averages; counts into `meter`. Returns whether any rank asked to stop
+    (Ctrl-C / SIGTERM); raises TrainingDiverged on a NaN/inf loss."""
+    cfg, d, device = run.cfg, run.d, run.device
+    steps_per_epoch = len(run.train_loader)
+    step = epoch * steps_per_epoch + i
+    lr = lr_at(cfg, step, steps_per_epoch)
+    set_lr(run.opt, lr)
+    with autocast(device, run.dtype):
+        outs = _outputs(run.net(x))
+    losses = _losses(outs, y, cfg.label_smoothing)
+    loss = losses[0] + cfg.aux_weight * sum(losses[1:], torch.zeros((), device=device))
+    # One all-reduce for both flags, so every rank stops at the same step.
+    stopping = run.stop is not None and run.stop.requested
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(stopping), device=device)])  # fmt: skip
+    bad, stop = all_reduce(flags, d, "max").tolist()
+    if bad:
+        raise TrainingDiverged(
+            f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1} (lr {lr:g}); "
+            f"training stopped, {run.out / 'last.safetensors'} is the last good checkpoint"
+        )
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.clip_grad:
+        run.scaler.unscale_(run.opt)
+        nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.clip_grad)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    if run.lookahead is not None:
+        run.lookahead.step(run.raw, step)
+    if run.avg is not None:
+        run.avg.update(run.raw)
+    meter.update(outs, y, losses)
+    return bool(stop)
 
 
 def _validate(run: _Run, epoch: int, final: bool) -> dict[str, float]:
