@@ -17,12 +17,16 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from googlenet.errors import UserError
+
+if TYPE_CHECKING:
+    from googlenet.checkpoint import CheckpointMeta
+    from googlenet.inference import Predictor
 
 PREDICTIONS = "val_predictions.csv"
 
@@ -165,6 +169,257 @@ def _curves(run: Path, rows: list[dict[str, Any]]) -> dict[str, bytes]:
     return curves_pngs(rows)
 
 
+# --- the report's sections ------------------------------------------------------------------
+
+
+def _run_config(run: Path, meta: CheckpointMeta) -> dict[str, Any]:
+    """The run's config.toml, else the config its checkpoint recorded."""
+    cfg_path = run / "config.toml"
+    if cfg_path.is_file():
+        return tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    return meta.config
+
+
+def _summary_html(
+    run: Path, checkpoint: str | Path | None, meta: CheckpointMeta, rows: list[dict[str, Any]]
+) -> str:
+    best = meta.training.best if meta.training is not None else {}
+    epoch = meta.training.epoch if meta.training is not None else "?"
+    summary = [
+        ["run", str(run)],
+        ["checkpoint", str(checkpoint or "the run's best")],
+        ["variant", meta.variant],
+        ["data set", meta.dataset],
+        ["epochs run", len(rows)],
+        ["best epoch", best.get("epoch", epoch)],
+        ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
+    ]
+    return "<h2>Summary</h2>" + _table(summary)
+
+
+def _config_html(cfg: dict[str, Any]) -> str:
+    return (
+        "<h2>Config</h2><details open><summary>config.toml</summary>"
+        + _table([[k, json.dumps(v)] for k, v in cfg.items()], ["key", "value"])
+        + "</details>"
+    )
+
+
+def _curves_html(run: Path, rows: list[dict[str, Any]]) -> str:
+    pngs = _curves(run, rows)
+    return (
+        "<h2>Loss and accuracy per head</h2><div class=row>"
+        + "".join(_img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
+        + "</div><p>Solid: train; dashed: validation; one colour per head (output, aux1, "
+        "aux2).</p>"
+    )
+
+
+def _timing_html(rows: list[dict[str, Any]]) -> str:
+    last = rows[-1]
+    timing = [
+        ["training time", f"{float(last.get('elapsed_s', 0)) / 60:.1f} min"],
+        ["seconds per epoch", ", ".join(f"{float(r.get('epoch_s', 0)):.1f}" for r in rows)],
+        [
+            "training images/s",
+            ", ".join(f"{float(r.get('images_per_s', 0)):.0f}" for r in rows),
+        ],
+    ]
+    return "<h2>Timing</h2>" + _table(timing)
+
+
+def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: CheckpointMeta) -> str:
+    """Confusion matrix and per-class accuracy of the recorded predictions (not re-validated)."""
+    from googlenet.evaluate import confusion_png
+    from googlenet.metrics import EvalResult
+
+    c = len(classes)
+    cm = torch.zeros(c, c, dtype=torch.int64)
+    for p in preds:
+        cm[p.label, p.pred] += 1
+    result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
+    val_tta = meta.validation.tta if meta.validation is not None else "none"
+    tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
+    per_class = [
+        [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
+        for i, (name, a) in enumerate(zip(classes, result.per_class, strict=True))
+    ]
+    return (
+        f"<h2>Validation: confusion matrix and per-class accuracy</h2>"
+        f"<p>top-1 {100 * result.top1:.2f}% on {result.n} images "
+        f"(recorded in {PREDICTIONS}{tta})</p><div class=row>"
+        + _img(confusion_png(result), "confusion matrix", 560)
+        + _table(per_class, ["class", "accuracy", "images"])
+        + "</div>"
+    )
+
+
+def _pick_pictures(
+    preds: list[ValPrediction], samples: int, mistakes: int
+) -> tuple[list[ValPrediction], list[ValPrediction]]:
+    """`samples` predictions evenly spread over the set, and the `mistakes` most confident
+    mistakes."""
+    wrong = sorted((p for p in preds if p.pred != p.label), key=lambda p: -p.prob)[:mistakes]
+    step = max(1, len(preds) // max(samples, 1))
+    return preds[::step][:samples], wrong
+
+
+def _picked_images(
+    picked: list[ValPrediction],
+    meta: CheckpointMeta,
+    cfg: dict[str, Any],
+    data: str | Path | None,
+    val_set: Any,
+) -> Tensor | None:
+    """uint8 images of `picked`, from `val_set` or else the run's validation set rebuilt (index
+    keys) or their files (path keys); None when they are not here."""
+    keys, size = [p.key for p in picked], int(cfg.get("input_size") or 32)
+    if val_set is None and keys and all(k.isdigit() for k in keys):
+        from googlenet.evaluate import recorded_val_set
+
+        try:
+            val_set = recorded_val_set(meta, cfg, data)
+        except (UserError, KeyError, ValueError):
+            val_set = None
+    labels = [p.label for p in picked]
+    return _val_images(keys, labels, val_set, size) if keys else None
+
+
+def _samples_html(images: Tensor, shown: list[ValPrediction], classes: list[str]) -> str:
+    raw = images.float() / 255 if images.dtype == torch.uint8 else images
+    tiles = [
+        (
+            raw[i],
+            f"{classes[p.pred]} {100 * p.prob:.0f}%\n(true {classes[p.label]})",
+            p.pred == p.label,
+        )
+        for i, p in enumerate(shown)
+    ]
+    return (
+        "<h2>Sample predictions</h2><p>Evenly spread over the validation set; red: "
+        "wrong.</p>" + _tiles_html(tiles)
+    )
+
+
+def _mistakes_html(
+    predictor: Predictor, xw: Tensor, wrong: list[ValPrediction], classes: list[str]
+) -> str:
+    """Grad-CAMs of the wrong predictions; `xw` their preprocessed images."""
+    from googlenet import explain as E
+
+    cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
+    cells = []
+    for j, p in enumerate(wrong):
+        pic = E.denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
+        over = E.overlay(pic, cams[j], min_side=96)
+        cap = f"#{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
+        cells.append(
+            f"<figure>{_img(E.png_bytes(over), cap)}"
+            f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+        )
+    return (
+        "<h2>Most confident mistakes, with Grad-CAM</h2><p>Grad-CAM of the "
+        f"predicted class at {E.DEFAULT_BLOCK}: where the evidence for the wrong "
+        "answer lies.</p><div class=row>" + "".join(cells) + "</div>"
+    )
+
+
+def _validation_sections(
+    predictor: Predictor,
+    preds: list[ValPrediction],
+    cfg: dict[str, Any],
+    data: str | Path | None,
+    samples: int,
+    mistakes: int,
+    val_set: Any,
+) -> tuple[list[str], list[str], Tensor | None]:
+    """(sections, notes, the pictured images preprocessed or None) for the recorded
+    predictions: confusion matrix, sample predictions, most confident mistakes."""
+    meta, classes = predictor.meta, predictor.classes
+    parts = [_confusion_html(preds, classes, meta)]
+    shown, wrong = _pick_pictures(preds, samples, mistakes)
+    images = _picked_images(shown + wrong, meta, cfg, data, val_set)
+    if images is None:
+        note = (
+            "the validation images are not here or differ from the recorded ones "
+            "(give --data): no picture grids"
+        )
+        return parts, [note], None
+    x_all = predictor.preprocess(images)
+    parts.append(_samples_html(images, shown, classes))
+    if wrong:
+        parts.append(_mistakes_html(predictor, x_all[len(shown) :], wrong, classes))
+    return parts, [], x_all
+
+
+def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
+    from googlenet import explain as E
+
+    usage = E.branch_energy(model.eval(), usage_x)
+    mean = usage.mean_shares()
+    per_ch = usage.mean_shares(per_channel=True)
+    table = [
+        f"<tr><td>{b.replace('inception', '')}</td><td>{_bar(mean[b])}</td>"
+        f"<td>{_bar(per_ch[b])}</td>"
+        + "".join(f"<td>{100 * float(v):.1f}%</td>" for v in (*mean[b], *per_ch[b]))
+        + "</tr>"
+        for b in mean
+    ]
+    head = ["block", "energy", "per channel"]
+    head += [*E.BRANCHES, *(f"{k} /ch" for k in E.BRANCHES)]
+    legend = " ".join(
+        f"<span class=key style='background:{c}'></span>{b}"
+        for b, c in zip(E.BRANCHES, BRANCH_COLOURS, strict=True)
+    )
+    return (
+        "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
+        f"activations), mean over the {len(usage_x)} validation images shown above; per "
+        f"channel (/ch): divided by the branch's width first. {legend}</p><table>"
+        + "<tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(table)
+        + "</table>"
+    )
+
+
+def _filters_html(model: torch.nn.Module) -> str:
+    from googlenet import explain as E
+
+    return "<h2>First-layer filters</h2>" + _img(
+        E.png_bytes(E.filters_grid(model)), "first-layer filters"
+    )
+
+
+def _features_html(predictor: Predictor, features: str, channels: int) -> str:
+    from googlenet import explain as E
+
+    chans = list(range(channels))
+    pp = predictor.preprocess
+    imgs = E.visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
+    return f"<h2>Feature visualisation: {html.escape(features)}</h2>" + _img(
+        E.features_png(imgs, features, chans), "feature visualisation"
+    )
+
+
+def _page(run: Path, parts: list[str], notes: list[str], t0: float) -> str:
+    """The whole page; notes on what is missing go right after the summary."""
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts = [parts[0], f"<ul class=notes>{items}</ul>", *parts[1:]]
+    took = time.perf_counter() - t0
+    title = f"googlenet run report: {run.name}"
+    return PAGE.format(
+        title=html.escape(title),
+        generator=GENERATOR,
+        body="\n".join(parts),
+        footer=html.escape(
+            f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.1f} s "
+            f"from {run} by googlenet report"
+        ),
+    )
+
+
 # --- the report -----------------------------------------------------------------------------
 
 
@@ -181,201 +436,40 @@ def build_report(
 ) -> str:
     """The report page for a run folder, as HTML text. `val_set` (a data set with
     get_images) saves re-reading the validation images when training has them loaded."""
-    from googlenet import explain as E
-    from googlenet.evaluate import confusion_png
     from googlenet.inference import load
     from googlenet.logs import read_jsonl
-    from googlenet.metrics import EvalResult
 
     t0 = time.perf_counter()
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"{run}: no such run folder")
     predictor = load(checkpoint or run)
-    meta, classes = predictor.meta, predictor.classes
-    cfg_path = run / "config.toml"
-    cfg: dict[str, Any] = meta.config
-    if cfg_path.is_file():
-        cfg = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    meta = predictor.meta
+    cfg = _run_config(run, meta)
     rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    parts: list[str] = []
+    parts = [_summary_html(run, checkpoint, meta, rows), _config_html(cfg)]
     notes: list[str] = []
-
-    # Summary and config
-    best = meta.training.best if meta.training is not None else {}
-    epoch = meta.training.epoch if meta.training is not None else "?"
-    summary = [
-        ["run", str(run)],
-        ["checkpoint", str(checkpoint or "the run's best")],
-        ["variant", meta.variant],
-        ["data set", meta.dataset],
-        ["epochs run", len(rows)],
-        ["best epoch", best.get("epoch", epoch)],
-        ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
-    ]
-    parts.append("<h2>Summary</h2>" + _table(summary))
-    parts.append(
-        "<h2>Config</h2><details open><summary>config.toml</summary>"
-        + _table([[k, json.dumps(v)] for k, v in cfg.items()], ["key", "value"])
-        + "</details>"
-    )
-
-    # Curves
     if rows:
-        pngs = _curves(run, rows)
-        parts.append(
-            "<h2>Loss and accuracy per head</h2><div class=row>"
-            + "".join(_img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
-            + "</div><p>Solid: train; dashed: validation; one colour per head (output, aux1, "
-            "aux2).</p>"
-        )
-        last = rows[-1]
-        timing = [
-            ["training time", f"{float(last.get('elapsed_s', 0)) / 60:.1f} min"],
-            ["seconds per epoch", ", ".join(f"{float(r.get('epoch_s', 0)):.1f}" for r in rows)],
-            [
-                "training images/s",
-                ", ".join(f"{float(r.get('images_per_s', 0)):.0f}" for r in rows),
-            ],
-        ]
-        parts.append("<h2>Timing</h2>" + _table(timing))
+        parts += [_curves_html(run, rows), _timing_html(rows)]
     else:
         notes.append("no metrics.jsonl: no curves or timing")
-
-    # Validation results
     preds_path = run / PREDICTIONS
-    preds = read_predictions(preds_path, classes) if preds_path.is_file() else []
+    preds = read_predictions(preds_path, predictor.classes) if preds_path.is_file() else []
     x_all: Tensor | None = None
     if preds:
-        c = len(classes)
-        cm = torch.zeros(c, c, dtype=torch.int64)
-        for p in preds:
-            cm[p.label, p.pred] += 1
-        result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
-        val_tta = meta.validation.tta if meta.validation is not None else "none"
-        tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
-        per_class = [
-            [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
-            for i, (name, a) in enumerate(zip(classes, result.per_class, strict=True))
-        ]
-        parts.append(
-            f"<h2>Validation: confusion matrix and per-class accuracy</h2>"
-            f"<p>top-1 {100 * result.top1:.2f}% on {result.n} images "
-            f"(recorded in {PREDICTIONS}{tta})</p><div class=row>"
-            + _img(confusion_png(result), "confusion matrix", 560)
-            + _table(per_class, ["class", "accuracy", "images"])
-            + "</div>"
+        more, more_notes, x_all = _validation_sections(
+            predictor, preds, cfg, data, samples, mistakes, val_set
         )
-        wrong = sorted((p for p in preds if p.pred != p.label), key=lambda p: -p.prob)[:mistakes]
-        step = max(1, len(preds) // max(samples, 1))
-        shown = preds[::step][:samples]
-        keys, size = [p.key for p in shown + wrong], int(cfg.get("input_size") or 32)
-        if val_set is None and keys and all(k.isdigit() for k in keys):
-            from googlenet.evaluate import recorded_val_set
-
-            try:
-                val_set = recorded_val_set(meta, cfg, data)
-            except (UserError, KeyError, ValueError):
-                val_set = None
-        labels = [p.label for p in shown + wrong]
-        images = _val_images(keys, labels, val_set, size) if keys else None
-        if images is None:
-            notes.append(
-                "the validation images are not here or differ from the recorded ones "
-                "(give --data): no picture grids"
-            )
-        else:
-            x_all = predictor.preprocess(images)
-            raw = images.float() / 255 if images.dtype == torch.uint8 else images
-            tiles = [
-                (
-                    raw[i],
-                    f"{classes[p.pred]} {100 * p.prob:.0f}%\n(true {classes[p.label]})",
-                    p.pred == p.label,
-                )
-                for i, p in enumerate(shown)
-            ]
-            parts.append(
-                "<h2>Sample predictions</h2><p>Evenly spread over the validation set; red: "
-                "wrong.</p>" + _tiles_html(tiles)
-            )
-            if wrong:
-                xw = x_all[len(shown) :]
-                cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
-                cells = []
-                for j, p in enumerate(wrong):
-                    pic = E.denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
-                    over = E.overlay(pic, cams[j], min_side=96)
-                    cap = (
-                        f"#{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
-                    )
-                    cells.append(
-                        f"<figure>{_img(E.png_bytes(over), cap)}"
-                        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-                    )
-                parts.append(
-                    "<h2>Most confident mistakes, with Grad-CAM</h2><p>Grad-CAM of the "
-                    f"predicted class at {E.DEFAULT_BLOCK}: where the evidence for the wrong "
-                    "answer lies.</p><div class=row>" + "".join(cells) + "</div>"
-                )
+        parts += more
+        notes += more_notes
     else:
         notes.append(f"no {PREDICTIONS} in the run folder: no confusion matrix or samples")
-
-    # Branch usage over validation images (the samples, topped up from the data set)
     if x_all is not None and len(x_all):
-        usage_x = x_all[:usage_images]
-        usage = E.branch_energy(predictor.model.eval(), usage_x)
-        mean = usage.mean_shares()
-        per_ch = usage.mean_shares(per_channel=True)
-        table = [
-            f"<tr><td>{b.replace('inception', '')}</td><td>{_bar(mean[b])}</td>"
-            f"<td>{_bar(per_ch[b])}</td>"
-            + "".join(f"<td>{100 * float(v):.1f}%</td>" for v in (*mean[b], *per_ch[b]))
-            + "</tr>"
-            for b in mean
-        ]
-        head = ["block", "energy", "per channel"]
-        head += [*E.BRANCHES, *(f"{k} /ch" for k in E.BRANCHES)]
-        legend = " ".join(
-            f"<span class=key style='background:{c}'></span>{b}"
-            for b, c in zip(E.BRANCHES, BRANCH_COLOURS, strict=True)
-        )
-        parts.append(
-            "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
-            f"activations), mean over the {len(usage_x)} validation images shown above; per "
-            f"channel (/ch): divided by the branch's width first. {legend}</p><table>"
-            + "<tr>"
-            + "".join(f"<th>{h}</th>" for h in head)
-            + "</tr>"
-            + "".join(table)
-            + "</table>"
-        )
-    parts.append(
-        "<h2>First-layer filters</h2>"
-        + _img(E.png_bytes(E.filters_grid(predictor.model)), "first-layer filters")
-    )
+        parts.append(_branch_usage_html(predictor.model, x_all[:usage_images]))
+    parts.append(_filters_html(predictor.model))
     if features:
-        chans = list(range(channels))
-        pp = predictor.preprocess
-        imgs = E.visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
-        parts.append(
-            f"<h2>Feature visualisation: {html.escape(features)}</h2>"
-            + _img(E.features_png(imgs, features, chans), "feature visualisation")
-        )
-    if notes:
-        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        parts.insert(1, f"<ul class=notes>{items}</ul>")
-    took = time.perf_counter() - t0
-    title = f"googlenet run report: {run.name}"
-    return PAGE.format(
-        title=html.escape(title),
-        generator=GENERATOR,
-        body="\n".join(parts),
-        footer=html.escape(
-            f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.1f} s "
-            f"from {run} by googlenet report"
-        ),
-    )
+        parts.append(_features_html(predictor, features, channels))
+    return _page(run, parts, notes, t0)
 
 
 def write_report(
