@@ -586,11 +586,36 @@ def explain_files(
 ) -> list[Path]:
     """Write branch_usage.json/.png, gradcam_<stem>.png per image, filters.png (and
     ablation.json/.png, features_<layer>.png when asked) into `out`; returns the paths."""
-    from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
+    out = Path(out)
+    model = predictor.model
+    files, x, target = _load_inputs(predictor, images, opts)
+    stems = stem_names(files)
+    _refuse_overwrite(out, stems, opts)
+    w = _Writer(out)
+    model.eval()
+    usage = _image_usage(model, files, x, opts.batch_size)
+    batches: list[tuple[Tensor, Tensor]] = []  # labelled --data images: the mean, ablation
+    if opts.data is not None:
+        batches = list(data_batches(predictor, opts.data, opts.limit, opts.batch_size))
+    _write_branch_usage(w, model, usage, batches, files, opts)
+    w.write("filters.png", png_bytes(filters_grid(model)))
+    if files:
+        _write_gradcams(w, predictor, files, stems, x, target, opts)
+    if opts.ablate:
+        _write_ablation(w, model, batches)
+    if opts.features:
+        _write_features(w, model, predictor.preprocess, opts.features, opts)
+    return w.written
+
+
+def _load_inputs(
+    predictor: Any, images: Sequence[str | Path], opts: ExplainOptions
+) -> tuple[list[Path], Tensor, int | None]:
+    """The image files, their normalised N x 3 x S x S batch and the Grad-CAM class (None:
+    each image's prediction); a bad request fails here, before any image is read."""
     from googlenet.inference import iter_image_files
     from googlenet.transforms import read_image
 
-    out = Path(out)
     model, pp = predictor.model, predictor.preprocess
     files = [Path(p) for p in iter_image_files(images)]
     if not files and opts.data is None:
@@ -602,13 +627,21 @@ def explain_files(
     x = torch.empty(0, 3, pp.input_size, pp.input_size)
     if files:
         x = torch.stack([pp(read_image(f)) for f in files])
-    stems = stem_names(files)
+    return files, x, target
+
+
+def _features_name(layer: str) -> str:
+    return f"features_{layer.replace(':', '_')}.png"
+
+
+def _refuse_overwrite(out: Path, stems: Sequence[str], opts: ExplainOptions) -> None:
+    """Unless --force, fail before anything is written if a file this run writes exists."""
     planned = ["branch_usage.json", "branch_usage.png", "filters.png"]
     planned += [f"gradcam_{s}.png" for s in stems]
     if opts.ablate:
         planned += ["ablation.json", "ablation.png"]
     if opts.features:
-        planned.append(f"features_{opts.features.replace(':', '_')}.png")
+        planned.append(_features_name(opts.features))
     if not opts.force:
         clash = [p for p in planned if (out / p).exists()]
         if clash:
@@ -616,23 +649,44 @@ def explain_files(
                 f"{out / clash[0]} exists ({len(clash)} file(s) would be replaced); "
                 "pass --force or choose another --out"
             )
-    written: list[Path] = []
 
-    def write(name: str, data: bytes | str) -> None:
-        path = out / name
+
+class _Writer:
+    """Writes each output atomically into `out` and lists the paths in the order written."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.written: list[Path] = []
+
+    def write(self, name: str, data: bytes | str) -> None:
+        from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
+
+        path = self.out / name
         (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(path, data)
-        written.append(path)
+        self.written.append(path)
 
-    model.eval()
+
+def _image_usage(
+    model: nn.Module, files: Sequence[Path], x: Tensor, batch_size: int
+) -> BranchUsage:
     usage = BranchUsage({}, {})
-    for i in range(0, len(files), opts.batch_size):
-        names = [str(f) for f in files[i : i + opts.batch_size]]
-        usage = usage.cat(branch_energy(model, x[i : i + opts.batch_size], names))
-    listed = list(range(len(files)))
-    batches: list[tuple[Tensor, Tensor]] = []
+    for i in range(0, len(files), batch_size):
+        names = [str(f) for f in files[i : i + batch_size]]
+        usage = usage.cat(branch_energy(model, x[i : i + batch_size], names))
+    return usage
+
+
+def _write_branch_usage(
+    w: _Writer,
+    model: nn.Module,
+    usage: BranchUsage,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    files: Sequence[Path],
+    opts: ExplainOptions,
+) -> None:
+    """branch_usage.json/.png: the given images listed one by one; the mean and the chart over
+    --data when given (a larger sample), else over the images."""
     if opts.data is not None:
-        for xb, yb in data_batches(predictor, opts.data, opts.limit, opts.batch_size):
-            batches.append((xb, yb))
         data_usage = BranchUsage({}, {})
         for xb, _ in batches:
             start = len(data_usage)
@@ -644,43 +698,56 @@ def explain_files(
         doc["mean_over"] = f"{opts.data} ({len(data_usage)} images)"
         chart = data_usage
     else:
-        doc = usage.to_json(listed)
+        doc = usage.to_json(list(range(len(files))))
         doc["mean_over"] = f"the {len(files)} image(s) given"
         chart = usage
-    write("branch_usage.json", json.dumps(doc, indent=2) + "\n")
-    write("branch_usage.png", branch_usage_png(chart))
-    write("filters.png", png_bytes(filters_grid(model)))
-    if files:
-        with torch.no_grad():
-            probs = torch.softmax(model(x).float(), 1)
-        for i in range(0, len(files), opts.batch_size):
-            xb = x[i : i + opts.batch_size]
-            pb = probs[i : i + opts.batch_size]
-            tgt = pb.argmax(1) if target is None else torch.full((len(xb),), target)
-            cams = gradcam(model, xb, tgt, opts.block)
-            for j in range(len(xb)):
-                k = int(tgt[j])
-                title = (
-                    f"{files[i + j].name}: predicted {predictor.classes[int(pb[j].argmax())]} "
-                    f"{100 * float(pb[j].max()):.1f}%; Grad-CAM for {predictor.classes[k]} "
-                    f"at {opts.block}"
-                )
-                image = denormalize(xb[j], pp.mean, pp.std)
-                write(f"gradcam_{stems[i + j]}.png", gradcam_png(image, cams[j], title))
-    if opts.ablate:
-        result = ablate(model, batches, progress=True)
-        write("ablation.json", json.dumps(result, indent=2) + "\n")
-        write("ablation.png", ablation_png(result))
-    if opts.features:
-        chans = list(range(opts.channels))
-        imgs = visualise_feature(
-            model, opts.features, chans, pp.mean, pp.std, opts.feature_size, opts.feature_steps
-        )
-        write(
-            f"features_{opts.features.replace(':', '_')}.png",
-            features_png(imgs, opts.features, chans),
-        )
-    return written
+    w.write("branch_usage.json", json.dumps(doc, indent=2) + "\n")
+    w.write("branch_usage.png", branch_usage_png(chart))
+
+
+def _write_gradcams(
+    w: _Writer,
+    predictor: Any,
+    files: Sequence[Path],
+    stems: Sequence[str],
+    x: Tensor,
+    target: int | None,
+    opts: ExplainOptions,
+) -> None:
+    """gradcam_<stem>.png per image, titled with the prediction and the class explained."""
+    model, pp, classes = predictor.model, predictor.preprocess, predictor.classes
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), 1)
+    for i in range(0, len(files), opts.batch_size):
+        xb = x[i : i + opts.batch_size]
+        pb = probs[i : i + opts.batch_size]
+        tgt = pb.argmax(1) if target is None else torch.full((len(xb),), target)
+        cams = gradcam(model, xb, tgt, opts.block)
+        for j in range(len(xb)):
+            k = int(tgt[j])
+            title = (
+                f"{files[i + j].name}: predicted {classes[int(pb[j].argmax())]} "
+                f"{100 * float(pb[j].max()):.1f}%; Grad-CAM for {classes[k]} "
+                f"at {opts.block}"
+            )
+            image = denormalize(xb[j], pp.mean, pp.std)
+            w.write(f"gradcam_{stems[i + j]}.png", gradcam_png(image, cams[j], title))
+
+
+def _write_ablation(w: _Writer, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+    result = ablate(model, batches, progress=True)
+    w.write("ablation.json", json.dumps(result, indent=2) + "\n")
+    w.write("ablation.png", ablation_png(result))
+
+
+def _write_features(
+    w: _Writer, model: nn.Module, pp: Any, layer: str, opts: ExplainOptions
+) -> None:
+    chans = list(range(opts.channels))
+    imgs = visualise_feature(
+        model, layer, chans, pp.mean, pp.std, opts.feature_size, opts.feature_steps
+    )
+    w.write(_features_name(layer), features_png(imgs, layer, chans))
 
 
 def data_batches(
