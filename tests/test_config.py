@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import re
 
 import pytest
 
 from googlenet.cli import main
 from googlenet.config import (
+    RANGES,
     TrainConfig,
     from_dict,
     list_recipes,
@@ -84,6 +87,23 @@ def test_bad_overrides_name_the_key(override, message):
         resolve_config(overrides=[override])
 
 
+# A value just outside each rule's range, and one on its edge that the rule accepts.
+OUTSIDE = {"> 0": (0, 1), "a positive number": (0, 1), ">= 0": (-1, 0), ">= -1": (-2, -1),
+           "in (0, 1]": (0, 1), "in [0, 1)": (1, 0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", sorted(RANGES))
+def test_each_range_rule_rejects_outside_values_and_names_the_key(rule):
+    base = TrainConfig()
+    bad, edge = OUTSIDE[rule]
+    for key in RANGES[rule]:
+        kind = type(getattr(base, key))  # every ranged key is an existing int or float field
+        assert kind in (int, float), key
+        dataclasses.replace(base, **{key: kind(edge)}).validate()
+        with pytest.raises(UserError, match=re.escape(f"config key {key!r}: must be {rule}, got")):
+            dataclasses.replace(base, **{key: kind(bad)}).validate()
+
+
 def test_overrides_parse_toml_scalars():
     assert parse_override("lr=1e-3") == ("lr", 0.001)
     assert parse_override("lr=1") == ("lr", 1.0)  # an int is a fine float
@@ -145,3 +165,18 @@ def test_cli_config_errors_exit_2_with_one_line(capsys):
     assert err.splitlines() == ["googlenet train: error: unknown config key 'epocs'"]
     assert main(["train", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--set", "--data=x"], "googlenet train: error: argument --set: expected one"),
+        (["bogus"], "googlenet: error: argument COMMAND: invalid choice: 'bogus'"),
+        (["evaluate"], "googlenet evaluate: error: the following arguments are required"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_too(capsys, argv, message):
+    assert main(argv) == 2  # returned, not a SystemExit from inside argparse
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert lines[0].endswith("--help)")

@@ -10,6 +10,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from googlenet.errors import Note, UserError
 
@@ -478,8 +479,22 @@ def _run_shards(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_shards)
 
 
+class _UsageError(UserError):
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other refused input (argparse would print the
+    whole usage first and exit from inside parse_args); the usage is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="googlenet", description="GoogLeNet / Inception v1: build, train, evaluate, export."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -496,7 +511,11 @@ def _show_warning(command: str, message, category, *_args, **_kw) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     handler: Handler = args.func
     try:
         with warnings.catch_warnings():

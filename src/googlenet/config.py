@@ -13,6 +13,7 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tta": ("none", "flip", "flip-shift"),
     "serve_weights": ("auto", "ema", "model"),
 }
+
+# Numeric keys' allowed ranges: the rule's text (as the error says it) -> keys.
+_RANGE_TESTS: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0,
+    "a positive number": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= -1": lambda v: v >= -1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+}
+RANGES: dict[str, tuple[str, ...]] = {
+    "> 0": ("epochs", "batch_size", "step_epochs", "eval_every", "train_crop_stages"),
+    "a positive number": ("lr", "norm_bias_lr_scale"),
+    ">= 0": (
+        "num_classes", "input_size", "limit_train", "limit_val", "crop_padding", "cutout",
+        "weight_decay", "clip_grad", "aux_weight", "workers", "resize", "warmup_min_steps",
+        "lookahead_every", "holdout", "checkpoint_every_s", "serve_min_steps",
+    ),
+    ">= -1": ("loader_workers",),
+    "in (0, 1]": ("train_crop", "train_crop_until", "bn_momentum"),
+    "in [0, 1)": (
+        "warmup", "label_smoothing", "ema_decay", "momentum", "lookahead_decay", "max_bad_images",
+    ),
+}  # fmt: skip
 
 # Keys older versions wrote (config.toml, checkpoints) that are gone: why, for the note.
 REMOVED_KEYS = {"optimizer": "SGD is the only optimizer"}
@@ -155,61 +180,14 @@ class TrainConfig:
                     f"config key {key!r}: expected one of {', '.join(options)}, "
                     f"got {getattr(self, key)!r}"
                 )
-        positive = ("epochs", "batch_size", "step_epochs", "eval_every", "train_crop_stages")
-        non_negative = (
-            "num_classes",
-            "input_size",
-            "limit_train",
-            "limit_val",
-            "crop_padding",
-            "cutout",
-            "weight_decay",
-            "clip_grad",
-            "aux_weight",
-            "workers",
-            "resize",
-            "warmup_min_steps",
-            "lookahead_every",
-            "holdout",
-            "checkpoint_every_s",
-            "serve_min_steps",
-        )
         for f in fields(self):  # inf/nan in any float key is a typo or an overflow
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"config key {f.name!r}: must be a finite number, got {value}")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise UserError(f"config key {key!r}: must be > 0, got {getattr(self, key)}")
-        for key in non_negative:
-            if getattr(self, key) < 0:
-                raise UserError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"config key 'lr': must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.norm_bias_lr_scale) and self.norm_bias_lr_scale > 0):
-            raise UserError(
-                f"config key 'norm_bias_lr_scale': must be a positive number, "
-                f"got {self.norm_bias_lr_scale}"
-            )
-        for key in ("train_crop", "train_crop_until"):
-            if not 0 < getattr(self, key) <= 1:
-                raise UserError(f"config key {key!r}: must be in (0, 1], got {getattr(self, key)}")
-        if not 0 < self.bn_momentum <= 1:
-            raise UserError(f"config key 'bn_momentum': must be in (0, 1], got {self.bn_momentum}")
-        for key in (
-            "warmup",
-            "label_smoothing",
-            "ema_decay",
-            "momentum",
-            "lookahead_decay",
-            "max_bad_images",
-        ):
-            if not 0 <= getattr(self, key) < 1:
-                raise UserError(f"config key {key!r}: must be in [0, 1), got {getattr(self, key)}")
-        if self.loader_workers < -1:
-            raise UserError(
-                f"config key 'loader_workers': must be >= -1, got {self.loader_workers}"
-            )
+        for rule, keys in RANGES.items():
+            for key in keys:
+                if not _RANGE_TESTS[rule](getattr(self, key)):
+                    raise UserError(f"config key {key!r}: must be {rule}, got {getattr(self, key)}")
         if self.sync_bn:
             from googlenet.model import get_spec
 
