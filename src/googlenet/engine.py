@@ -335,6 +335,16 @@ def _all_finite(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values())
 
 
+def _check_weights_finite(run: _Run, epoch: int) -> None:
+    """Raise TrainingDiverged (before anything is saved over the last good checkpoint) when
+    the weights or their average hold a NaN/inf."""
+    if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
+        raise TrainingDiverged(
+            f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
+            f"{run.out / 'last.safetensors'} is the last good checkpoint"
+        )
+
+
 @dataclass
 class _Run:
     """Everything a run needs once set up."""
@@ -489,14 +499,16 @@ class _Data:
 
     train_set: Any
     val_set: Any
-    size: int  # the side validation feeds the model
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     val_pp: Preprocess  # recorded in every checkpoint, as validation uses it
     loader_pp: Preprocess  # what the loaders apply (less where images are stored prepared)
     record: dict[str, Any]  # where the validation images come from (checkpoint metadata)
     classes: list[str]
     num_classes: int
+
+    @property
+    def size(self) -> int:
+        """The side validation feeds the model."""
+        return self.val_pp.input_size
 
 
 def _setup(
@@ -630,8 +642,7 @@ def _setup_data(
             f"{len(train_set)} training images"
         )
     classes, num_classes = _check_labels(cfg, train_set, val_set)
-    return _Data(train_set, val_set, size, mean, std, val_pp, loader_pp, record, classes,
-                 num_classes)  # fmt: skip
+    return _Data(train_set, val_set, val_pp, loader_pp, record, classes, num_classes)
 
 
 def _setup_model(
@@ -661,7 +672,8 @@ def _setup_model(
     raw.check_input(torch.empty(0, 3, data.size, data.size))
     apply_norm_options(cfg, raw)
     if cfg.whiten_init and not cfg.init:  # loaded weights are not replaced
-        _whiten(raw, data.train_set, cfg, data.size, data.mean, data.std)
+        pp = data.val_pp
+        _whiten(raw, data.train_set, cfg, pp.input_size, pp.mean, pp.std)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     raw = raw.to(device, memory_format=fmt)
     if cfg.sync_bn and d.enabled:  # BN statistics over the global batch (same parameters)
@@ -805,11 +817,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     reduced.reduce(lambda t: all_reduce(t, d))
     row.update(reduced.row("train"))
     row["images_per_s"] = max(steps - start, 1) * cfg.batch_size / train_time
-    if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
-        raise TrainingDiverged(
-            f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
-            f"{run.out / 'last.safetensors'} is the last good checkpoint"
-        )
+    _check_weights_finite(run, epoch)
     return row
 
 
@@ -974,11 +982,7 @@ def _save_mid_epoch(run: _Run, epoch: int, step: int, meter: Metrics) -> None:
     run.last_save = time.monotonic()
     if not run.d.main:
         return
-    if not (_all_finite(run.raw) and (run.avg is None or _all_finite(run.avg.module))):
-        raise TrainingDiverged(
-            f"weights became NaN/infinite in epoch {epoch + 1}; training stopped, "
-            f"{run.out / 'last.safetensors'} is the last good checkpoint"
-        )
+    _check_weights_finite(run, epoch)
     state = _training_state(run, epoch, step, run.log.rows[-1] if run.log.rows else {})
     groups = _state_groups(run, state)
     meta = dataclasses.replace(run.meta_base, training=state)
