@@ -1,6 +1,7 @@
-"""The pool branches' 3x3/1 max-pool: ATen against the C kernel (googlenet.fastpool), forward
-and forward + backward, on bf16 channels-last batches of the shapes the `cifar` variant's
-inception blocks see at batch 256. Prints a markdown table of median milliseconds.
+"""GoogLeNet's 3x3 max-pools: ATen against the C kernel (googlenet.fastpool), forward and
+forward + backward, on bf16 channels-last batches of the shapes the `cifar` variant's pools see
+at 32x32 (the inception pool branches' 3x3/1 and the stage pools' 3x3/2, padding 1). Prints a
+markdown table of median milliseconds.
 
     python bench/bench_pool.py [--batch 256] [--reps 15]
 """
@@ -16,17 +17,20 @@ import torch.nn.functional as F
 
 from googlenet.fastpool import MaxPool3, library
 
-# (channels, side) entering the pool branches of the `cifar` variant (3a..5b)
+# (channels, side, stride) entering the `cifar` variant's pools: branches 3a..5b, maxpool2-4
 SHAPES = [
-    (192, 16),
-    (256, 16),
-    (480, 8),
-    (512, 8),
-    (512, 8),
-    (512, 8),
-    (528, 8),
-    (832, 4),
-    (832, 4),
+    (192, 16, 1),
+    (256, 16, 1),
+    (480, 8, 1),
+    (512, 8, 1),
+    (512, 8, 1),
+    (512, 8, 1),
+    (528, 8, 1),
+    (832, 4, 1),
+    (832, 4, 1),
+    (192, 32, 2),
+    (480, 16, 2),
+    (832, 8, 2),
 ]
 
 
@@ -38,10 +42,6 @@ def median_ms(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
-
-
-def aten(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(x, 3, 1, 1)
 
 
 def step(pool, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -56,24 +56,31 @@ def main() -> None:
     args = ap.parse_args()
     if library() is None:
         raise SystemExit("no C compiler: the kernel could not be built")
-    fast = MaxPool3()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    print("| shape | ATen fwd | C fwd | ATen fwd+bwd | C fwd+bwd |")
-    print("|---|---:|---:|---:|---:|")
-    totals = [0.0] * 4
-    for c, s in SHAPES:
+    print("| shape | stride | ATen fwd | C fwd | ATen fwd+bwd | C fwd+bwd |")
+    print("|---|---:|---:|---:|---:|---:|")
+    totals = {1: [0.0] * 4, 2: [0.0] * 4}
+    for c, s, stride in SHAPES:
+        fast = MaxPool3(stride, 1)
+
+        def aten(x: torch.Tensor, stride: int = stride) -> torch.Tensor:
+            return F.max_pool2d(x, 3, stride, 1)
+
         x = torch.randn(args.batch, c, s, s).to(torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last)
-        g = torch.randn_like(x)
+        g = torch.randn_like(aten(x))
         xg = x.clone().requires_grad_()
         with torch.no_grad():
             row = [median_ms(lambda x=x: aten(x), args.reps),
-                   median_ms(lambda x=x: fast(x), args.reps)]  # fmt: skip
+                   median_ms(lambda x=x, f=fast: f(x), args.reps)]  # fmt: skip
         row += [median_ms(lambda xg=xg, g=g: step(aten, xg, g), args.reps),
-                median_ms(lambda xg=xg, g=g: step(fast, xg, g), args.reps)]  # fmt: skip
-        totals = [a + b for a, b in zip(totals, row, strict=True)]
-        print(f"| {args.batch}x{c}x{s}x{s} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
-    print("| **all nine** | " + " | ".join(f"**{v:.1f}**" for v in totals) + " |")
+                median_ms(lambda xg=xg, g=g, f=fast: step(f, xg, g), args.reps)]  # fmt: skip
+        totals[stride] = [a + b for a, b in zip(totals[stride], row, strict=True)]
+        cells = " | ".join(f"{v:.1f}" for v in row)
+        print(f"| {args.batch}x{c}x{s}x{s} | {stride} | {cells} |")
+    for stride, name in ((1, "the nine branch pools"), (2, "the three stage pools")):
+        cells = " | ".join(f"**{v:.1f}**" for v in totals[stride])
+        print(f"| **{name}** | {stride} | {cells} |")
 
 
 if __name__ == "__main__":

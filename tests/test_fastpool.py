@@ -1,5 +1,5 @@
-"""The C max-pool kernel (fastpool.py) computes nn.MaxPool2d(3, 1, 1) exactly: same outputs
-bit for bit, gradients routed to the same winners (ties and NaNs included)."""
+"""The C max-pool kernel (fastpool.py) computes nn.MaxPool2d(3, stride, padding) exactly: same
+outputs bit for bit, gradients routed to the same winners (ties and NaNs included)."""
 
 from __future__ import annotations
 
@@ -24,20 +24,27 @@ def _input(n: int, c: int, h: int, w: int, seed: int, ties: bool) -> torch.Tenso
 
 
 @pytest.mark.parametrize(
-    ("shape", "ties", "ceil"),
-    [((2, 16, 8, 8), False, False), ((3, 5, 7, 9), True, False), ((1, 64, 4, 4), True, True),
-     ((4, 3, 1, 5), True, False), ((2, 33, 16, 16), False, True)],
+    ("shape", "ties", "stride", "pad", "ceil"),
+    [((2, 16, 8, 8), False, 1, 1, False), ((3, 5, 7, 9), True, 1, 1, False),
+     ((1, 64, 4, 4), True, 1, 1, True), ((4, 3, 1, 5), True, 1, 1, False),
+     ((2, 33, 16, 16), False, 1, 1, True),
+     # the stage pools: padded (paper, cifar) and ceil-mode (torchvision), odd and even sides
+     ((2, 16, 16, 16), False, 2, 1, False), ((3, 7, 9, 8), True, 2, 1, False),
+     ((2, 24, 15, 15), True, 2, 0, True), ((1, 9, 14, 11), False, 2, 0, True),
+     ((2, 5, 7, 6), True, 2, 1, True), ((2, 6, 9, 9), True, 2, 0, False),
+     ((1, 4, 10, 10), True, 3, 1, False), ((2, 8, 6, 5), True, 1, 0, False)],
 )  # fmt: skip
-def test_forward_and_gradient_equal_aten(shape, ties, ceil):
+def test_forward_and_gradient_equal_aten(shape, ties, stride, pad, ceil):
     x = _input(*shape, seed=sum(shape), ties=ties)
-    pool = MaxPool3(ceil_mode=ceil)
+    pool = MaxPool3(stride, pad, ceil_mode=ceil)
     a = x.clone().requires_grad_()
     b = x.float().clone().requires_grad_()  # ATen in fp32: the same values, the same winners
     ya = pool(a)
-    yb = F.max_pool2d(b, 3, 1, 1, ceil_mode=ceil)
+    yb = F.max_pool2d(b, 3, stride, pad, ceil_mode=ceil)
     assert ya.dtype == torch.bfloat16 and ya.is_contiguous(memory_format=torch.channels_last)
+    assert ya.shape == yb.shape
     assert torch.equal(ya.float(), yb)
-    assert torch.equal(ya, F.max_pool2d(x, 3, 1, 1, ceil_mode=ceil))  # and ATen in bf16
+    assert torch.equal(ya, F.max_pool2d(x, 3, stride, pad, ceil_mode=ceil))  # and ATen in bf16
     # small integer gradients: every sum is exact, so the routing is compared exactly
     g = torch.randint(-4, 5, ya.shape, generator=torch.Generator().manual_seed(1)).float()
     ya.backward(g.to(torch.bfloat16))
@@ -48,8 +55,23 @@ def test_forward_and_gradient_equal_aten(shape, ties, ceil):
     a.grad = None
     g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     pool(a).backward(g)
-    F.max_pool2d(c, 3, 1, 1, ceil_mode=ceil).backward(g)
+    F.max_pool2d(c, 3, stride, pad, ceil_mode=ceil).backward(g)
     assert torch.equal(a.grad, c.grad)
+
+
+def test_the_kernel_runs_for_each_case_above(monkeypatch):
+    """The comparisons above would pass trivially if MaxPool3 fell back to ATen."""
+    calls = []
+    apply = fastpool._MaxPool3.apply
+    monkeypatch.setattr(fastpool._MaxPool3, "apply", lambda *a: calls.append(a) or apply(*a))
+    for stride, pad, ceil in ((1, 1, False), (2, 1, False), (2, 0, True)):
+        MaxPool3(stride, pad, ceil)(_input(2, 4, 9, 9, seed=0, ties=False))
+    assert len(calls) == 3
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="padding 2"):
+        MaxPool3(2, 2)
 
 
 def test_nan_wins_as_in_aten():
@@ -67,7 +89,7 @@ def test_other_inputs_go_to_aten():
     assert torch.equal(MaxPool3()(x), F.max_pool2d(x, 3, 1, 1))
     before = fastpool._MaxPool3.apply
     called = []
-    fastpool._MaxPool3.apply = lambda t: called.append(t) or before(t)
+    fastpool._MaxPool3.apply = lambda *a: called.append(a) or before(*a)
     try:
         MaxPool3()(x.to(torch.bfloat16))  # bf16 but NCHW
         MaxPool3()(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
@@ -81,12 +103,10 @@ def test_use_fast_pool_swaps_the_pool_branches_and_keeps_the_output():
     model = build("cifar", num_classes=10).eval()
     ref = build("cifar", num_classes=10).eval()
     ref.load_state_dict(model.state_dict())
-    assert use_fast_pool(model) == 9  # inception 3a, 3b, 4a-4e, 5a, 5b
-    assert sum(isinstance(m, MaxPool3) for m in model.modules()) == 9
-    assert (
-        sum(type(m) is nn.MaxPool2d for m in model.modules())
-        == sum(type(m) is nn.MaxPool2d for m in ref.modules()) - 9
-    )  # the stride-2 stage pools stay ATen's
+    # inception 3a, 3b, 4a-4e, 5a, 5b (3x3/1) and maxpool2-4 (3x3/2; cifar has no maxpool1)
+    assert use_fast_pool(model) == 12
+    assert sum(isinstance(m, MaxPool3) for m in model.modules()) == 12
+    assert not any(type(m) is nn.MaxPool2d for m in model.modules())
     assert model.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     model, ref = (m.to(memory_format=torch.channels_last) for m in (model, ref))
@@ -99,6 +119,13 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("GOOGLENET_FAST_POOL", "0")
     assert fastpool.library() is None
     assert use_fast_pool(build("cifar", num_classes=10)) == 0
+
+
+def test_pools_the_kernel_does_not_take_stay_aten():
+    model = build("bn", num_classes=10)  # torchvision's: ceil-mode 3x3/2 pools, 2x2 maxpool4
+    assert use_fast_pool(model) == 9 + 3
+    assert type(model.maxpool4) is nn.MaxPool2d and isinstance(model.maxpool3, MaxPool3)
+    assert model.maxpool3.ceil_mode and model.maxpool3.padding == 0
 
 
 def test_training_with_the_kernel_matches_aten(tmp_path):
@@ -116,7 +143,7 @@ def test_training_with_the_kernel_matches_aten(tmp_path):
         ])  # fmt: skip
         results[on] = train(cfg, train_set=synth(32, 0), val_set=synth(16, 1), progress=False)
     pools = [isinstance(m, MaxPool3) for m in results[True].model.modules()]
-    assert sum(pools) == 9 and not any(
+    assert sum(pools) == 12 and not any(
         isinstance(m, MaxPool3) for m in results[False].model.modules()
     )
     a, b = (results[k].model.state_dict() for k in (True, False))

@@ -142,8 +142,9 @@ class TrainConfig:
     # --- speed / hardware ---
     precision: str = "auto"  # auto (bf16 on CPUs/GPUs that have it, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True  # NHWC memory format (faster convolutions with bf16)
-    fast_pool: bool = True  # bf16 channels-last CPU runs: the pool branches' 3x3/1 max-pool by
-    #   a C kernel (fastpool.py; the same function, built with the system compiler, else ATen)
+    fast_pool: bool = True  # bf16 channels-last CPU runs: the 3x3 max-pools (branches' 3x3/1,
+    #   stages' 3x3/2) by a C kernel (fastpool.py; the same function, built with the system
+    #   compiler, else ATen)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     workers: int = 0  # torch CPU threads per process (0: torch's default)

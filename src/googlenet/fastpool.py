@@ -1,8 +1,10 @@
-"""The inception pool branch's 3x3/1 max-pool on bf16 channels-last CPU tensors, by a small C
-kernel (fastpool.c) built on first use with the system C compiler and loaded with ctypes.
+"""GoogLeNet's 3x3 max-pools (the inception pool branches' 3x3/1, the stages' 3x3/2) on bf16
+channels-last CPU tensors, by a small C kernel (fastpool.c) built on first use with the system
+C compiler and loaded with ctypes.
 
-Same function as nn.MaxPool2d(3, 1, 1), bit for bit, outputs and gradients (same winners on
-ties, NaN wins, gradients added in bf16 in ATen's order), so training is bit-identical with it.
+Same function as nn.MaxPool2d(3, stride, padding, ceil_mode=...), bit for bit, outputs and
+gradients (same winners on ties, NaN wins, gradients added in bf16 in ATen's order), so
+training is bit-identical with it.
 Anything else (other dtypes or layouts, GPUs, TorchScript/ONNX tracing, torch.compile, no
 compiler here) runs ATen's kernel, so the model and its checkpoints are unchanged.
 """
@@ -17,7 +19,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ def _build() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None or not _SRC.is_file():
         return None
-    src = _SRC.read_bytes()
+    # OpenMP only where torch runs on it: the library then shares torch's libgomp.so.1
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    src = _SRC.read_bytes() + b"openmp" * openmp
     key = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
     lib = _cache_dir() / f"fastpool-{key}.so"
     if not lib.is_file():
@@ -56,8 +59,11 @@ def _build() -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            for arch in (["-march=native"], []):  # some compilers lack -march=native
-                cmd = [cc, "-O3", *arch, "-std=c99", "-shared", "-fPIC", str(_SRC), "-o", tmp]
+            # without OpenMP the kernel runs on the calling thread; some compilers lack
+            # -march=native
+            tries = [["-march=native"], []]
+            for flags in [["-fopenmp", "-march=native"]] * openmp + tries:
+                cmd = [cc, "-O3", *flags, "-std=c99", "-shared", "-fPIC", str(_SRC), "-o", tmp]
                 if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
                     os.replace(tmp, lib)  # atomic: concurrent builders (DDP ranks) agree
                     break
@@ -73,7 +79,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for name in ("maxpool3_forward_bf16", "maxpool3_backward_bf16"):
-        getattr(dll, name).argtypes = [p, p, p, i64, i64, i64, i64, i64]
+        getattr(dll, name).argtypes = [p, p, p, *[i64] * 8]
         getattr(dll, name).restype = ctypes.c_int
     return dll
 
@@ -88,47 +94,44 @@ def library() -> ctypes.CDLL | None:
         return _state["lib"]  # type: ignore[return-value]
 
 
-def _run(fn: ctypes._CFuncPtr, a: Tensor, b: Tensor | None, c: Tensor, shape: tuple) -> None:
-    """Call `fn` over batch slices on torch's thread count (ctypes releases the GIL)."""
-    n, h, w, ch = shape
-    ptrs = [t.data_ptr() if t is not None else None for t in (a, b, c)]
-    threads = max(1, min(torch.get_num_threads(), n))
-    bounds = [n * i // threads for i in range(threads + 1)]
+def _run(fn: ctypes._CFuncPtr, a: Tensor, b: Tensor | None, c: Tensor, sizes: tuple) -> None:
+    """Call `fn` (it shares the rows out over torch's OpenMP threads; ctypes drops the GIL)."""
+    fn(*[t.data_ptr() if t is not None else None for t in (a, b, c)], *sizes)
 
-    def part(i: int) -> int:
-        return fn(*ptrs, bounds[i], bounds[i + 1], h, w, ch)
 
-    if threads == 1:
-        codes = [part(0)]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            codes = list(pool.map(part, range(threads)))
-    if any(codes):
-        raise MemoryError("fastpool: out of memory for a row buffer")
+def _out_size(size: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """ATen's pooling output size for a 3-wide window (ceil_mode: a last window may start in
+    the image's last stride, never in the right padding)."""
+    out = (size + 2 * padding - 3 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out
 
 
 class _MaxPool3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # x: N x C x H x W, bf16, channels-last
+    def forward(ctx, x: Tensor, sizes: tuple[int, ...]) -> Tensor:  # x: bf16, channels-last
+        # sizes: H, W, C, OH, OW, stride, padding
         lib = library()
-        n, ch, h, w = x.shape
-        y = torch.empty_like(x, memory_format=torch.channels_last)
+        n, ch = x.shape[:2]
+        oh, ow = sizes[3:5]
+        y = torch.empty((n, oh, ow, ch), dtype=x.dtype).permute(0, 3, 1, 2)  # channels-last
         code = None
         if x.requires_grad:  # the winner's window position, one byte per output
-            code = torch.empty((n, h, w, ch), dtype=torch.uint8)
-        _run(lib.maxpool3_forward_bf16, x, y, code, (n, h, w, ch))
+            code = torch.empty((n, oh, ow, ch), dtype=torch.uint8)
+        _run(lib.maxpool3_forward_bf16, x, y, code, (n, *sizes))
         ctx.save_for_backward(code)
+        ctx.sizes = sizes
         return y
 
     @staticmethod
-    def backward(ctx, gy: Tensor) -> Tensor:
+    def backward(ctx, gy: Tensor) -> tuple[Tensor, None]:
         lib = library()
         (code,) = ctx.saved_tensors
         gy = gy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        n, ch, h, w = gy.shape
-        gx = torch.empty_like(gy, memory_format=torch.channels_last)
-        _run(lib.maxpool3_backward_bf16, gy, code, gx, (n, h, w, ch))
-        return gx
+        n, ch = gy.shape[:2]
+        h, w = ctx.sizes[:2]
+        gx = torch.empty((n, h, w, ch), dtype=gy.dtype).permute(0, 3, 1, 2)
+        _run(lib.maxpool3_backward_bf16, gy, code, gx, (n, *ctx.sizes))
+        return gx, None
 
 
 def _usable(x: Tensor) -> bool:
@@ -146,20 +149,27 @@ def _usable(x: Tensor) -> bool:
 
 
 class MaxPool3(nn.MaxPool2d):
-    """nn.MaxPool2d(3, stride=1, padding=1), with the C kernel where it applies."""
+    """nn.MaxPool2d(3, stride, padding, ceil_mode=...), with the C kernel where it applies."""
 
-    def __init__(self, ceil_mode: bool = False) -> None:
-        super().__init__(3, stride=1, padding=1, ceil_mode=ceil_mode)
+    def __init__(self, stride: int = 1, padding: int = 1, ceil_mode: bool = False) -> None:
+        if padding not in (0, 1) or stride < 1:
+            raise ValueError(f"MaxPool3: stride {stride} >= 1 and padding {padding} in (0, 1)")
+        super().__init__(3, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         if _usable(x):
-            return _MaxPool3.apply(x)
+            s, p = _pair(self.stride)[0], _pair(self.padding)[0]
+            h, w = x.shape[2:]
+            oh, ow = (_out_size(v, s, p, self.ceil_mode) for v in (h, w))
+            if oh > 0 and ow > 0:  # else ATen says what is wrong
+                return _MaxPool3.apply(x, (h, w, x.shape[1], oh, ow, s, p))
         return super().forward(x)
 
 
 def use_fast_pool(model: nn.Module) -> int:
-    """Swap every 3x3/1 padding-1 nn.MaxPool2d in `model` (the inception pool branches) for
-    MaxPool3, in place; returns how many. A no-op (0) where the kernel cannot be built."""
+    """Swap every 3x3 nn.MaxPool2d in `model` with one stride and padding 0 or 1 (the
+    inception pool branches' 3x3/1, the stage pools' 3x3/2) for MaxPool3, in place; returns
+    how many. A no-op (0) where the kernel cannot be built."""
     if library() is None:
         return 0
     swapped = 0
@@ -168,12 +178,13 @@ def use_fast_pool(model: nn.Module) -> int:
             if (
                 type(child) is nn.MaxPool2d
                 and _pair(child.kernel_size) == (3, 3)
-                and _pair(child.stride) == (1, 1)
-                and _pair(child.padding) == (1, 1)
+                and len(set(_pair(child.stride))) == 1
+                and _pair(child.padding) in ((0, 0), (1, 1))
                 and _pair(child.dilation) == (1, 1)
                 and not child.return_indices
             ):
-                setattr(parent, name, MaxPool3(ceil_mode=child.ceil_mode))
+                s, p = _pair(child.stride)[0], _pair(child.padding)[0]
+                setattr(parent, name, MaxPool3(s, p, ceil_mode=child.ceil_mode))
                 swapped += 1
     return swapped
 
