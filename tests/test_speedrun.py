@@ -385,3 +385,40 @@ def test_validation_abandoned_in_a_cut_short_pass_saves_that_pass_as_done(tmp_pa
     cfg = tiny(tmp_path, "epochs=1.5")
     res = train(cfg, train_set=synth(48, 0), val_set=synth(16, 1), progress=False, resume=True)
     assert "val_acc" in res.history[-1]
+
+
+_MALLINFO = """
+import ctypes, sys, torch
+from googlenet.devices import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped_by_a_large_tensor():
+    before = libc.mallinfo2().hblkhd  # bytes in blocks mmap'd apart from the heap
+    x = torch.empty(64 << 20, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd - before
+print(mapped_by_a_large_tensor() >= 64 << 20, keep_freed_memory(), mapped_by_a_large_tensor())
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="no glibc")
+def test_keep_freed_memory_serves_large_tensors_from_the_kept_heap():
+    import subprocess
+    import sys
+
+    # its own process: the setting is process-wide and lasting
+    out = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True", "0"], out.stderr
+
+
+def test_keep_freed_memory_is_a_config_key_applied_on_cpu_runs(tmp_path, monkeypatch):
+    import googlenet.engine as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
+    run(tmp_path, "keep_freed_memory=false", "epochs=1")
+    assert calls == []
+    run(tmp_path / "b", "epochs=1")
+    assert calls == [1]

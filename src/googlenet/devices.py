@@ -4,6 +4,8 @@ autocast dtype (bf16 on CPUs with AVX-512 bf16 and on GPUs that have it, fp16 ot
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Callable
 
 import torch
@@ -48,6 +50,24 @@ def pick_dtype(
     if precision == "fp16" and device.type == "cpu":
         raise UserError(f"{what}: fp16 is for CUDA; use bf16 or fp32 on a CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def keep_freed_memory() -> bool:
+    """glibc: from now on freed memory stays in this process. Blocks past glibc's mmap
+    threshold (32 MiB at most, adapting) otherwise go back to the OS on free, so each training
+    step's large activations fault in fresh zeroed pages (~6% of a CPU step here: docs/
+    results.md). Process-wide and lasting, like torch.set_num_threads; the cost is a somewhat
+    higher resident size. Returns whether it applied (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    # no block by mmap; the heap's free top is kept (up to 2 GiB) instead of trimmed
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

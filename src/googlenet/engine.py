@@ -52,7 +52,7 @@ from googlenet.checkpoint import (
 )
 from googlenet.config import TrainConfig, to_toml
 from googlenet.datasets import hold_out, stratified_indices
-from googlenet.devices import autocast, pick_device, pick_dtype
+from googlenet.devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from googlenet.distributed import (
     Dist,
     all_reduce,
@@ -538,6 +538,8 @@ def _setup(
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: autotune once
     if cfg.workers:
         torch.set_num_threads(cfg.workers)
+    if cfg.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
     if cfg.batch_size % d.world_size:
         raise UserError(
             f"config key 'batch_size': {cfg.batch_size} does not split over {d.world_size} ranks"
