@@ -83,7 +83,7 @@ class TrainConfig:
     train_crop: float = 0.75  # train first on random unpadded crops of this share of input_size
     #   (no smaller than the variant takes; 1: off), then at input_size; validation: input_size
     train_crop_until: float = 0.625  # share of the run's steps on train_crop crops
-    train_crop_stages: int = 1  # those steps in this many equal parts whose sides grow evenly
+    train_crop_stages: int = 2  # those steps in this many equal parts whose sides grow evenly
     #   from train_crop's toward input_size (2 at 0.75 of 32: 24 then 28, then 32)
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
