@@ -153,7 +153,7 @@ class MaxPool3(nn.MaxPool2d):
 
     def __init__(self, stride: int = 1, padding: int = 1, ceil_mode: bool = False) -> None:
         if padding not in (0, 1) or stride < 1:
-            raise ValueError(f"MaxPool3: stride {stride} >= 1 and padding {padding} in (0, 1)")
+            raise ValueError(f"MaxPool3 takes stride >= 1, padding 0 or 1; got {stride}, {padding}")
         super().__init__(3, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:

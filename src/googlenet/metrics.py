@@ -17,6 +17,14 @@ from torch import Tensor
 HEAD_NAMES = ("", "aux1_", "aux2_")  # metric prefixes: main output, aux1, aux2
 
 
+def count_confusion(confusion: Tensor, labels: Tensor, predicted: Tensor) -> Tensor:
+    """Add each (true, predicted) class pair to `confusion` (C x C int64, rows = true class),
+    in place; returns it. The one place a confusion matrix is counted."""
+    idx = labels.long() * confusion.shape[0] + predicted.long()
+    confusion.view(-1).index_add_(0, idx, torch.ones_like(idx))
+    return confusion
+
+
 @dataclass
 class EvalResult:
     """Accuracy of a model (or ensemble) on one data set under one TTA scheme."""
@@ -104,8 +112,7 @@ class Metrics:
                 self.sums[i, 0] += losses[i].detach().double() * n
             if i == 0:
                 predicted = top[:, 0]
-                idx = labels * self.c + predicted
-                self.confusion.view(-1).index_add_(0, idx, torch.ones_like(idx))
+                count_confusion(self.confusion, labels, predicted)
         self.count += n
         return predicted
 

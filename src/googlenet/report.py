@@ -231,12 +231,11 @@ def _timing_html(rows: list[dict[str, Any]]) -> str:
 def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: CheckpointMeta) -> str:
     """Confusion matrix and per-class accuracy of the recorded predictions (not re-validated)."""
     from googlenet.evaluate import confusion_png
-    from googlenet.metrics import EvalResult
+    from googlenet.metrics import EvalResult, count_confusion
 
     c = len(classes)
-    cm = torch.zeros(c, c, dtype=torch.int64)
-    for p in preds:
-        cm[p.label, p.pred] += 1
+    labels, predicted = (torch.tensor([getattr(p, k) for p in preds]) for k in ("label", "pred"))
+    cm = count_confusion(torch.zeros(c, c, dtype=torch.int64), labels, predicted)
     result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
     val_tta = meta.validation.tta if meta.validation is not None else "none"
     tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
