@@ -242,7 +242,11 @@ def test_report_files_and_table(tmp_path: Path):
     assert "top-1  33.33%" in table and "c3" in table
 
 
-def test_cli_evaluate_folder_with_tta(tmp_path: Path, capsys):
+def test_cli_evaluate_folder_with_tta(tmp_path: Path, capsys, monkeypatch):
+    import googlenet.devices
+
+    kept = []  # the process-wide setting itself is tested in its own process (test_speedrun)
+    monkeypatch.setattr(googlenet.devices, "keep_freed_memory", lambda: kept.append(1) or True)
     a = make_checkpoint(tmp_path / "run" / "best.safetensors")
     data = _class_folder(tmp_path / "data")
     (data / "cat" / "broken.png").write_bytes(b"garbage")
@@ -252,6 +256,7 @@ def test_cli_evaluate_folder_with_tta(tmp_path: Path, capsys):
     assert "broken.png" in err
     metrics = json.loads((a.parent / "eval-flip" / "metrics.json").read_text())
     assert metrics["n"] == 6 and metrics["tta"] == "flip"
+    assert kept == [1]
 
 
 @pytest.mark.cifar

@@ -114,6 +114,25 @@ def test_use_fast_pool_swaps_the_pool_branches_and_keeps_the_output():
         assert torch.equal(model(x), ref(x))
 
 
+def test_inference_runs_the_kernel_with_the_same_logits():
+    """devices.make_runner (evaluate, predict, serve, load) swaps the pools in where they apply."""
+    from googlenet.devices import make_runner
+
+    torch.manual_seed(0)
+    model = build("cifar", num_classes=10).eval()
+    ref = build("cifar", num_classes=10).eval().to(memory_format=torch.channels_last)
+    ref.load_state_dict(model.state_dict())
+    run = make_runner(model, "cpu", torch.bfloat16, channels_last=True)
+    assert sum(isinstance(m, MaxPool3) for m in model.modules()) == 12
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = ref(x.contiguous(memory_format=torch.channels_last)).float()
+    assert torch.equal(run(x), expected)
+    fp32 = build("cifar", num_classes=10)
+    make_runner(fp32, "cpu", None)  # fp32: ATen's pools stay
+    assert not any(isinstance(m, MaxPool3) for m in fp32.modules())
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(fastpool, "_state", {})
     monkeypatch.setenv("GOOGLENET_FAST_POOL", "0")

@@ -212,10 +212,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from googlenet.checkpoint import resolve_checkpoint
+    from googlenet.devices import keep_freed_memory
     from googlenet.evaluate import evaluate, format_result, write_report
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    keep_freed_memory()  # this process's batches reuse freed pages, as training's steps do
     precision = "bf16" if args.bf16 else args.precision
     result = evaluate(
         args.checkpoints, args.data, args.tta, args.batch_size, args.limit,
