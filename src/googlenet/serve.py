@@ -140,40 +140,12 @@ def page_html() -> str:
     return resources.files("googlenet").joinpath("static/serve.html").read_text(encoding="utf-8")
 
 
-def create_app(
-    predictor: Any,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    batch_window_ms: float = 5.0,
-    max_batch: int = 32,
-    top_k: int = 5,
-) -> Any:
-    """The FastAPI app serving `predictor` (a googlenet.load() Predictor)."""
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import HTMLResponse, JSONResponse
-        from starlette.exceptions import HTTPException
-    except ImportError as e:
-        raise UserError(
-            f"googlenet serve needs the serve extra ({e.name} is missing): "
-            "pip install 'googlenet[serve]'"
-        ) from None
-    from googlenet import explain as E
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-model")
-    batcher = Batcher(predictor.predict_tensor, executor, batch_window_ms / 1000, max_batch)
-    page = page_html()
-
-    @asynccontextmanager
-    async def lifespan(_app: Any):
-        batcher.start()
-        yield
-        await batcher.stop()
-        executor.shutdown(wait=False)
-
-    app = FastAPI(title="googlenet", lifespan=lifespan)
-    app.state.batcher = batcher
+def _install_error_handlers(app: Any, max_bytes: int) -> None:
+    """Every error answered as {"error": one line} with its status."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -204,6 +176,59 @@ def create_app(
         if length and length.isdigit() and int(length) > max_bytes + 65536:
             return error(413, f"upload of {int(length):,} bytes is over the {max_bytes:,} limit")
         return await call_next(request)
+
+
+def _explain_extras(predictor: Any, x: Tensor, index: int) -> dict[str, Any]:
+    """Grad-CAM for class `index` and the branch usage of one preprocessed image (run on the
+    model's thread)."""
+    from googlenet import explain as E
+
+    model, pp = predictor.model, predictor.preprocess
+    cam = E.gradcam(model, x.unsqueeze(0), index)[0]
+    rgb = E.overlay(E.denormalize(x, pp.mean, pp.std), cam, min_side=224)
+    usage = E.branch_energy(model, x.unsqueeze(0))
+    return {
+        "gradcam": "data:image/png;base64," + base64.b64encode(E.png_bytes(rgb)).decode("ascii"),
+        "gradcam_block": E.DEFAULT_BLOCK,
+        "branch_usage": {
+            b: dict(zip(E.BRANCHES, map(float, s[0]), strict=True))
+            for b, s in usage.shares().items()
+        },
+    }
+
+
+def create_app(
+    predictor: Any,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_window_ms: float = 5.0,
+    max_batch: int = 32,
+    top_k: int = 5,
+) -> Any:
+    """The FastAPI app serving `predictor` (a googlenet.load() Predictor)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import HTMLResponse
+    except ImportError as e:
+        raise UserError(
+            f"googlenet serve needs the serve extra ({e.name} is missing): "
+            "pip install 'googlenet[serve]'"
+        ) from None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-model")
+    batcher = Batcher(predictor.predict_tensor, executor, batch_window_ms / 1000, max_batch)
+    page = page_html()
+
+    @asynccontextmanager
+    async def lifespan(_app: Any):
+        batcher.start()
+        yield
+        await batcher.stop()
+        executor.shutdown(wait=False)
+
+    app = FastAPI(title="googlenet", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    _install_error_handlers(app, max_bytes)
 
     async def read_upload(request: Request) -> tuple[Tensor, str]:
         form = await request.form(max_files=1, max_fields=8)
@@ -242,22 +267,8 @@ def create_app(
         probs = await batcher.submit(x)
         pred = predictor.to_prediction(probs, top_k, name)
 
-        def work() -> dict[str, Any]:
-            model, pp = predictor.model, predictor.preprocess
-            cam = E.gradcam(model, x.unsqueeze(0), pred.index)[0]
-            rgb = E.overlay(E.denormalize(x, pp.mean, pp.std), cam, min_side=224)
-            usage = E.branch_energy(model, x.unsqueeze(0))
-            return {
-                "gradcam": "data:image/png;base64,"
-                + base64.b64encode(E.png_bytes(rgb)).decode("ascii"),
-                "gradcam_block": E.DEFAULT_BLOCK,
-                "branch_usage": {
-                    b: dict(zip(E.BRANCHES, map(float, s[0]), strict=True))
-                    for b, s in usage.shares().items()
-                },
-            }
-
-        extra = await asyncio.get_running_loop().run_in_executor(executor, work)
+        loop = asyncio.get_running_loop()
+        extra = await loop.run_in_executor(executor, _explain_extras, predictor, x, pred.index)
         return {"prediction": pred.to_dict(), **extra}
 
     return app
