@@ -133,6 +133,21 @@ def test_inference_runs_the_kernel_with_the_same_logits():
     assert not any(isinstance(m, MaxPool3) for m in fp32.modules())
 
 
+def test_the_kernel_shares_torchs_openmp_runtime_or_runs_on_the_calling_thread(monkeypatch):
+    before = fastpool._gomp_files()
+    assert len(before) <= 1  # loaded by the tests above: no second copy of libgomp came in
+    # where loading it brings in a libgomp of its own, the serial build is taken instead
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here: the kernel is built without it")
+    built, compile_ = [], fastpool._compile
+    monkeypatch.setattr(fastpool, "_compile", lambda cc, o: built.append(o) or compile_(cc, o))
+    maps = iter([set(), {"/x/libgomp.so.1"}] + [{"/x/libgomp.so.1"}] * 4)
+    monkeypatch.setattr(fastpool, "_gomp_files", lambda: next(maps))
+    monkeypatch.setattr(fastpool, "_state", {})
+    assert fastpool.library() is not None
+    assert built == [True, False]
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(fastpool, "_state", {})
     monkeypatch.setenv("GOOGLENET_FAST_POOL", "0")

@@ -45,37 +45,59 @@ def _cpu_key() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def _gomp_files() -> set[str]:
+    """The distinct libgomp files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {ln.split()[-1] for ln in maps.splitlines() if "/libgomp" in ln}
+
+
+def _compile(cc: str, openmp: bool) -> Path | None:
+    """The kernel built for this CPU (cached per source, CPU and OpenMP choice), or None."""
+    src = _SRC.read_bytes() + b"openmp" * openmp
+    key = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"fastpool-{key}.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        # without OpenMP the kernel runs on the calling thread; some compilers lack
+        # -march=native
+        tries = [["-march=native"], []]
+        for flags in [["-fopenmp", "-march=native"]] * openmp + tries:
+            cmd = [cc, "-O3", *flags, "-std=c99", "-shared", "-fPIC", str(_SRC), "-o", tmp]
+            if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
+                os.replace(tmp, lib)  # atomic: concurrent builders (DDP ranks) agree
+                return lib
+        return None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _build() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None or not _SRC.is_file():
         return None
     # OpenMP only where torch runs on it: the library then shares torch's libgomp.so.1
     openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-    src = _SRC.read_bytes() + b"openmp" * openmp
-    key = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"fastpool-{key}.so"
-    if not lib.is_file():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
-        try:
-            # without OpenMP the kernel runs on the calling thread; some compilers lack
-            # -march=native
-            tries = [["-march=native"], []]
-            for flags in [["-fopenmp", "-march=native"]] * openmp + tries:
-                cmd = [cc, "-O3", *flags, "-std=c99", "-shared", "-fPIC", str(_SRC), "-o", tmp]
-                if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
-                    os.replace(tmp, lib)  # atomic: concurrent builders (DDP ranks) agree
-                    break
-            else:
-                return None
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    before = _gomp_files()
+    lib = _compile(cc, openmp)
     try:
-        dll = ctypes.CDLL(str(lib))
+        dll = ctypes.CDLL(str(lib)) if lib is not None else None
+        if dll is not None and openmp and _gomp_files() - before:
+            # a libgomp of its own came in (torch's runtime has another name, or is not
+            # libgomp): its threads would fight torch's, so run on the calling thread instead
+            lib = _compile(cc, False)
+            dll = ctypes.CDLL(str(lib)) if lib is not None else None
     except OSError:
+        return None
+    if dll is None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for name in ("maxpool3_forward_bf16", "maxpool3_backward_bf16"):
