@@ -78,9 +78,9 @@ static __attribute__((noinline)) void fwd_channels(
     }
 }
 
-int maxpool3_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y,
-                          uint8_t *restrict code, int64_t N, int64_t H, int64_t W, int64_t C,
-                          int64_t OH, int64_t OW, int64_t S, int64_t P) {
+void maxpool3_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y,
+                           uint8_t *restrict code, int64_t N, int64_t H, int64_t W, int64_t C,
+                           int64_t OH, int64_t OW, int64_t S, int64_t P) {
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t oh = 0; oh < OH; oh++) {
@@ -110,7 +110,6 @@ int maxpool3_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y,
             }
         }
     }
-    return 0;
 }
 
 /* An output that chose this input adds its gradient, rounded to bf16 as ATen's bf16 +=. Taps
@@ -149,9 +148,9 @@ static __attribute__((noinline)) void bwd_channels(
     }
 }
 
-int maxpool3_backward_bf16(const uint16_t *restrict gy, const uint8_t *restrict code,
-                           uint16_t *restrict gx, int64_t N, int64_t H, int64_t W, int64_t C,
-                           int64_t OH, int64_t OW, int64_t S, int64_t P) {
+void maxpool3_backward_bf16(const uint16_t *restrict gy, const uint8_t *restrict code,
+                            uint16_t *restrict gx, int64_t N, int64_t H, int64_t W, int64_t C,
+                            int64_t OH, int64_t OW, int64_t S, int64_t P) {
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t h = 0; h < H; h++) {
@@ -190,5 +189,4 @@ int maxpool3_backward_bf16(const uint16_t *restrict gy, const uint8_t *restrict 
             }
         }
     }
-    return 0;
 }

@@ -102,7 +102,7 @@ def _build() -> ctypes.CDLL | None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for name in ("maxpool3_forward_bf16", "maxpool3_backward_bf16"):
         getattr(dll, name).argtypes = [p, p, p, *[i64] * 8]
-        getattr(dll, name).restype = ctypes.c_int
+        getattr(dll, name).restype = None
     return dll
 
 
