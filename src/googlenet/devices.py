@@ -88,10 +88,10 @@ def make_runner(
     device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(device, memory_format=fmt)
-    if device.type == "cpu" and dtype is torch.bfloat16 and channels_last:
-        from googlenet.fastpool import use_fast_pool
+    from googlenet import fastpool
 
-        use_fast_pool(model)  # as in training: the same outputs, bit for bit, sooner
+    if fastpool.applies(device, dtype, channels_last):
+        fastpool.use_fast_pool(model)  # as in training: the same outputs, bit for bit, sooner
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:

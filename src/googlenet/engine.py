@@ -684,10 +684,11 @@ def _setup_model(
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     # After any module swap (SyncBatchNorm), so that the frozen layers are the ones trained.
     frozen = finetune.freeze(raw, cfg.freeze) if cfg.freeze else []
-    if cfg.fast_pool and device.type == "cpu" and dtype is torch.bfloat16 and cfg.channels_last:
-        from googlenet.fastpool import use_fast_pool
+    from googlenet import fastpool
 
-        if not use_fast_pool(raw):
+    if cfg.fast_pool and fastpool.applies(device, dtype, cfg.channels_last):
+        swapped = fastpool.use_fast_pool(raw)
+        if not swapped:
             note("fast_pool: the C kernel is unavailable (no C compiler?); ATen's max-pool is used")
     return raw, args, init_record, frozen
 

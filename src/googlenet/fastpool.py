@@ -188,6 +188,12 @@ class MaxPool3(nn.MaxPool2d):
         return super().forward(x)
 
 
+def applies(device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> bool:
+    """Whether a model run on `device` under autocast `dtype` in this layout feeds its pools
+    the kernel's case (bf16 channels-last CPU tensors), so that swapping them in pays."""
+    return device.type == "cpu" and dtype is torch.bfloat16 and channels_last
+
+
 def use_fast_pool(model: nn.Module) -> int:
     """Swap every 3x3 nn.MaxPool2d in `model` with one stride and padding 0 or 1 (the
     inception pool branches' 3x3/1, the stage pools' 3x3/2) for MaxPool3, in place; returns
