@@ -14,24 +14,28 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from googlenet.fastpool import MaxPool3, library
+from googlenet.model import build
 
-# (channels, side, stride) entering the `cifar` variant's pools: branches 3a..5b, maxpool2-4
-SHAPES = [
-    (192, 16, 1),
-    (256, 16, 1),
-    (480, 8, 1),
-    (512, 8, 1),
-    (512, 8, 1),
-    (512, 8, 1),
-    (528, 8, 1),
-    (832, 4, 1),
-    (832, 4, 1),
-    (192, 32, 2),
-    (480, 16, 2),
-    (832, 8, 2),
-]
+
+def pool_shapes(side: int = 32) -> list[tuple[int, int, int]]:
+    """(channels, side, stride) entering each 3x3 max-pool of the `cifar` variant at `side`,
+    branch pools (stride 1) first: read off a forward pass, not written out by hand."""
+    model = build("cifar", num_classes=10).eval()
+    seen: list[tuple[int, int, int]] = []
+
+    def record(m: nn.Module, inputs: tuple[torch.Tensor]) -> None:
+        seen.append((inputs[0].shape[1], inputs[0].shape[2], m.stride))  # the model's: ints
+
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d) and m.kernel_size == 3]
+    hooks = [m.register_forward_pre_hook(record) for m in pools]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, side, side))
+    for h in hooks:
+        h.remove()
+    return sorted(seen, key=lambda t: t[2])  # stable: network order within a stride
 
 
 def median_ms(fn, reps: int) -> float:
@@ -60,7 +64,7 @@ def main() -> None:
     print("| shape | stride | ATen fwd | C fwd | ATen fwd+bwd | C fwd+bwd |")
     print("|---|---:|---:|---:|---:|---:|")
     totals = {1: [0.0] * 4, 2: [0.0] * 4}
-    for c, s, stride in SHAPES:
+    for c, s, stride in pool_shapes():
         fast = MaxPool3(stride, 1)
 
         def aten(x: torch.Tensor, stride: int = stride) -> torch.Tensor:
