@@ -15,9 +15,9 @@ import argparse
 import json
 import time
 
-from googlenet.config import resolve_config
-from googlenet.datasets import load_cifar, resolve_data_root
-from googlenet.engine import train
+from googlenet.data.datasets import load_cifar, resolve_data_root
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
 
 # Each idea: a name and its --set overrides on top of the recipe.
 IDEAS: dict[str, list[str]] = {

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from googlenet.augment import Augment
-from googlenet.datasets import load_cifar
-from googlenet.loader import BatchLoader
+from googlenet.data.augment import Augment
+from googlenet.data.datasets import load_cifar
+from googlenet.data.loader import BatchLoader
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

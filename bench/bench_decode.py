@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from googlenet.augment import Augment
-from googlenet.loader import BatchLoader
+from googlenet.data.augment import Augment
+from googlenet.data.loader import BatchLoader
 from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD, read_image_resized
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from googlenet.devices import make_runner
-from googlenet.export import onnx_bytes, onnx_runner, torchscript_bytes, torchscript_runner
+from googlenet.infer.export import onnx_bytes, onnx_runner, torchscript_bytes, torchscript_runner
 from googlenet.model import build, get_spec
 
 Runner = Callable[[torch.Tensor], torch.Tensor]

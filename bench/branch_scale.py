@@ -20,10 +20,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from googlenet.datasets import load_cifar, stratified_indices
-from googlenet.evaluate import recorded_val_set
-from googlenet.explain import BRANCHES, BranchUsage, branch_energy
-from googlenet.inference import load
+from googlenet.data.datasets import load_cifar, stratified_indices
+from googlenet.infer.evaluate import recorded_val_set
+from googlenet.infer.inference import load
+from googlenet.insight.explain import BRANCHES, BranchUsage, branch_energy
 
 ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
 

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import encode, synthetic_photo
-from googlenet.config import resolve_config
-from googlenet.datasets import ArrayDataset
-from googlenet.engine import train
-from googlenet.shards import write_shards
+from googlenet.data.datasets import ArrayDataset
+from googlenet.data.shards import write_shards
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
 
 CLASSES = 10
 BASE = ["variant=bn", "input_size=224", "batch_size=256", "epochs=2", "ema=false",

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def uploads(data: str | None, n: int) -> list[bytes]:
     if data:
-        from googlenet.datasets import load_cifar
+        from googlenet.data.datasets import load_cifar
 
         ds = load_cifar(data, "cifar10", "test")
         arrays = [ds.images[i].permute(1, 2, 0).numpy() for i in range(n)]
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--window-ms", type=float, default=5.0)
     p.add_argument("--data", default=None)
     args = p.parse_args()
-    from googlenet.inference import load
+    from googlenet.infer.inference import load
 
     images = uploads(args.data, 50)
     predictor = load(args.checkpoint)

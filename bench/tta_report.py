@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from googlenet.checkpoint import atomic_write_text
-from googlenet.evaluate import TTA_MODES, evaluate, load_members
+from googlenet.files import atomic_write_text
+from googlenet.infer.evaluate import evaluate, load_members
+from googlenet.tta import TTA_MODES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from googlenet.checkpoint import CheckpointMeta, save_checkpoint
-from googlenet.datasets import ArrayDataset
+from googlenet.data.datasets import ArrayDataset
 from googlenet.model import build
 from googlenet.transforms import Preprocess
 
@@ -47,9 +47,9 @@ def _no_run_report(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Training in tests skips its end-of-run report (seconds per run, dozens of runs) unless
     the test is marked run_report; the report's own tests cover it."""
     if request.node.get_closest_marker("run_report") is None:
-        import googlenet.report
+        import googlenet.insight.report
 
-        monkeypatch.setattr(googlenet.report, "report_after_training", lambda *a, **k: None)
+        monkeypatch.setattr(googlenet.insight.report, "report_after_training", lambda *a, **k: None)
 
 
 # --- shared helpers (tests import these from here, never from other test modules) ---------

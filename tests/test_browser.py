@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from googlenet.inference import load
+from googlenet.infer.inference import load
 from tests.conftest import free_port, make_checkpoint, make_run, png_bytes
 
 pytestmark = pytest.mark.browser
@@ -68,7 +68,7 @@ def broken_images(drv) -> tuple[int, list[str]]:
 
 
 def test_report_opens_in_chromium_with_every_image_loaded(browser, tmp_path: Path):
-    from googlenet.report import write_report
+    from googlenet.insight.report import write_report
 
     path = write_report(make_run(tmp_path / "run"))
     console_errors(browser)  # drop anything logged before

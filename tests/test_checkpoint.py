@@ -24,10 +24,10 @@ from googlenet.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from googlenet.config import resolve_config
 from googlenet.errors import Note, UserError
-from googlenet.inference import load
+from googlenet.infer.inference import load
 from googlenet.model import build
+from googlenet.training.config import resolve_config
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 
 FIXTURES = Path(__file__).parent / "fixtures"

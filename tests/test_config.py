@@ -8,7 +8,9 @@ import re
 import pytest
 
 from googlenet.cli import main
-from googlenet.config import (
+from googlenet.errors import Note, UserError
+from googlenet.model import build
+from googlenet.training.config import (
     RANGES,
     TrainConfig,
     from_dict,
@@ -17,9 +19,7 @@ from googlenet.config import (
     resolve_config,
     to_toml,
 )
-from googlenet.errors import Note, UserError
-from googlenet.model import build
-from googlenet.optim import lr_at, make_optimizer
+from googlenet.training.optim import lr_at, make_optimizer
 
 
 def test_default_recipe_is_cifar10_fast():

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from googlenet.augment import Augment
-from googlenet.datasets import (
+from googlenet.data.augment import Augment
+from googlenet.data.datasets import (
     ARCHIVES,
     ArrayDataset,
     ImageFolderDataset,
@@ -32,8 +32,8 @@ from googlenet.datasets import (
     resolve_data_root,
     restricted_loads,
 )
+from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
-from googlenet.loader import BatchLoader
 from googlenet.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,

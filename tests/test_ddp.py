@@ -16,9 +16,9 @@ import torch
 import torch.multiprocessing as mp
 
 from googlenet.checkpoint import load_checkpoint
-from googlenet.config import resolve_config
-from googlenet.engine import train
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
 from tests.conftest import synth
 
 OVERRIDES = [

@@ -12,23 +12,25 @@ from torch import Tensor, nn
 from googlenet.cli import main
 from googlenet.devices import make_runner
 from googlenet.errors import UserError
-from googlenet.evaluate import (
-    PAPER_SCALES,
-    View,
-    ensemble_probs,
+from googlenet.infer.evaluate import (
     evaluate,
     evaluate_batches,
     format_result,
     load_members,
+    write_report,
+)
+from googlenet.infer.inference import load
+from googlenet.metrics import Metrics, read_predictions
+from googlenet.transforms import Preprocess
+from googlenet.tta import (
+    PAPER_SCALES,
+    View,
+    ensemble_probs,
     merge_views,
     tta_crops,
     tta_probs,
     tta_views,
-    write_report,
 )
-from googlenet.inference import load
-from googlenet.metrics import Metrics, read_predictions
-from googlenet.transforms import Preprocess
 from tests.conftest import CLASSES, make_checkpoint, random_image
 
 IDENTITY = Preprocess(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

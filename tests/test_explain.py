@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from googlenet import explain as E
 from googlenet.cli import main
 from googlenet.errors import UserError
+from googlenet.insight import explain as E
 from googlenet.model import Inception, build
 from tests.conftest import calibrate, make_checkpoint
 

@@ -10,7 +10,7 @@ import torch
 
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.export import export_checkpoint, export_model, onnx_runner, verify
+from googlenet.infer.export import export_checkpoint, export_model, onnx_runner, verify
 from googlenet.model import build
 from tests.conftest import calibrate, make_checkpoint
 

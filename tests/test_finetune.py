@@ -13,14 +13,14 @@ from safetensors.torch import save_file
 
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
-from googlenet.config import resolve_config
-from googlenet.datasets import ArrayDataset
-from googlenet.engine import train
+from googlenet.data.datasets import ArrayDataset
 from googlenet.errors import Note, UserError
-from googlenet.finetune import apply_init, config_from_init, freeze, read_init
 from googlenet.model import build
-from googlenet.optim import make_optimizer
 from googlenet.torchvision_weights import convert_torchvision
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
+from googlenet.training.finetune import apply_init, config_from_init, freeze, read_init
+from googlenet.training.optim import make_optimizer
 from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import make_checkpoint, random_image
 

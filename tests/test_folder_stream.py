@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from googlenet import datasets
-from googlenet.augment import Augment
-from googlenet.datasets import load_image_folder
+from googlenet.data import datasets
+from googlenet.data.augment import Augment
+from googlenet.data.datasets import load_image_folder
+from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
-from googlenet.loader import BatchLoader
 from googlenet.transforms import Preprocess
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.config import resolve_config
-from googlenet.datasets import list_image_folder, load_image_folder, stratified_indices
-from googlenet.engine import train
+from googlenet.data.datasets import list_image_folder, load_image_folder, stratified_indices
 from googlenet.errors import UserError
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
 from tests.conftest import synth
 
 COLOURS = {"airplane": (200, 40, 40), "automobile": (40, 200, 40), "bird": (40, 40, 200)}
@@ -110,7 +110,7 @@ def test_folder_at_224_trains_from_the_cli_and_evaluate_reproduces_it(tmp_path, 
 
 @pytest.mark.cifar
 def test_cifar_slice_evaluate_reproduces_val_predictions(tmp_path, cifar_root):
-    from googlenet.evaluate import evaluate
+    from googlenet.infer.evaluate import evaluate
 
     settings = ["limit_train=64", "limit_val=60", "epochs=1", "batch_size=32"]
     cfg = resolve_config(

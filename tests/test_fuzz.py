@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from googlenet import cli, engine
-from googlenet.config import FIELD_TYPES, list_recipes, recipe_values, resolve_config
+from googlenet import cli
 from googlenet.errors import UserError
+from googlenet.training import engine
+from googlenet.training.config import FIELD_TYPES, list_recipes, recipe_values, resolve_config
 
 EXAMPLES = os.environ.get("GOOGLENET_FUZZ_EXAMPLES")
 
@@ -40,7 +41,7 @@ def fuzz(n: int) -> settings:
 
 FUZZ = fuzz(40)  # cheap cases: configs, CIFAR files
 FUZZ_SLOW = fuzz(10)  # each runs a model: predict, checkpoints
-RECIPES_DIR = Path(cli.__file__).parent / "recipes"
+RECIPES_DIR = Path(cli.__file__).parent / "training" / "recipes"
 
 
 def one_line_error(err: str, command: str) -> str:
@@ -223,7 +224,7 @@ def small_ckpt(tmp_path_factory) -> Path:
 def loaded_once(monkeypatch, small_ckpt):
     """`googlenet predict` with the checkpoint loaded once for all examples (the CLI path is
     the same; loading is fuzzed on its own below)."""
-    from googlenet import inference
+    from googlenet.infer import inference
 
     predictor = inference.load(small_ckpt)
     monkeypatch.setattr(inference, "load", lambda *a, **k: predictor)
@@ -357,7 +358,7 @@ def write_cifar(root: Path, kind: str, test_bytes: bytes | None = None) -> Path:
 @FUZZ
 @given(data=st.data())
 def test_mutated_cifar_batches_load_or_fail_in_one_line(data, tmp_path):
-    from googlenet.datasets import load_cifar
+    from googlenet.data.datasets import load_cifar
 
     kind = data.draw(st.sampled_from(["bin", "py"]))
     valid = _cifar_bin(4, 0) if kind == "bin" else _cifar_py(4, 0)
@@ -399,7 +400,7 @@ ARCHIVE = _cifar_py_archive()
 @FUZZ
 @given(data=st.data())
 def test_mutated_cifar_archives_load_or_fail_in_one_line(data, tmp_path):
-    from googlenet.datasets import load_cifar
+    from googlenet.data.datasets import load_cifar
 
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
@@ -414,7 +415,7 @@ def test_mutated_cifar_archives_load_or_fail_in_one_line(data, tmp_path):
 def test_cifar_archive_with_a_huge_member_is_refused_without_reading_it(tmp_path):
     import tarfile
 
-    from googlenet.datasets import load_cifar
+    from googlenet.data.datasets import load_cifar
 
     folder = write_cifar(tmp_path / "src", "py")
     archive = tmp_path / "cifar-10-python.tar.gz"

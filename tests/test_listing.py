@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from googlenet.data.listing import list_folder, user_cache_dir
 from googlenet.errors import UserError
-from googlenet.listing import list_folder, user_cache_dir
 
 
 def _tree(root):

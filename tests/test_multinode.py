@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from googlenet.checkpoint import load_checkpoint
-from googlenet.config import resolve_config
-from googlenet.engine import model_args, train
 from googlenet.model import build
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import model_args, train
 from tests.test_ddp import OVERRIDES, _data, _free_port
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -10,7 +10,7 @@ from PIL import Image
 import googlenet
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.inference import iter_image_files, load
+from googlenet.infer.inference import iter_image_files, load
 from googlenet.transforms import Preprocess
 from tests.conftest import CLASSES, make_checkpoint, random_image
 

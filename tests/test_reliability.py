@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from googlenet import checkpoint, engine
+from googlenet import checkpoint, files
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
-from googlenet.config import resolve_config
-from googlenet.datasets import ArrayDataset
+from googlenet.data.datasets import ArrayDataset
 from googlenet.errors import UserError
-from googlenet.interrupt import Interrupted
+from googlenet.training import engine
+from googlenet.training.config import resolve_config
+from googlenet.training.interrupt import Interrupted
 
 
 class Trap:
@@ -45,7 +46,7 @@ def trap_bytes(sentinel: Path) -> bytes:
 
 
 def test_booby_trapped_cifar_python_batches_are_refused(tmp_path):
-    from googlenet.datasets import load_cifar
+    from googlenet.data.datasets import load_cifar
 
     sentinel = tmp_path / "pwned"
     payload = trap_bytes(sentinel)
@@ -85,7 +86,7 @@ def test_booby_trapped_pth_is_refused_by_import_torchvision(tmp_path):
 
 
 def test_export_tolerance_is_relative_to_the_logit_scale():
-    from googlenet.export import verify
+    from googlenet.infer.export import verify
 
     model = torch.nn.Linear(4, 3)
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_export_tolerance_is_relative_to_the_logit_scale():
 
 
 def test_run_files_follow_the_umask(tmp_path):
-    from googlenet.checkpoint import atomic_write_bytes
+    from googlenet.files import atomic_write_bytes
 
     old = os.umask(0o022)
     try:
@@ -196,7 +197,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatc
 
 def test_disk_full_keeps_the_previous_checkpoint_and_resume_works(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = checkpoint._write
+    real = files._write
     saves = []
 
     def full_disk(path, f, data):
@@ -207,7 +208,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_works(tmp_path, monk
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, f, data)
 
-    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    monkeypatch.setattr(files, "_write", full_disk)
     with pytest.raises(UserError, match=r"last\.safetensors: cannot write \(No space left"):
         engine.train(cfg_at(run, "epochs=2"), progress=False, **DATA)
     assert not list(run.glob(".*.tmp"))  # the half-written temp file is gone

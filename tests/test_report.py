@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.config import resolve_config
-from googlenet.engine import train
-from googlenet.report import report_after_training, write_report
+from googlenet.insight.report import report_after_training, write_report
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
 from tests.conftest import make_run, synth
 
 
@@ -106,12 +106,12 @@ def _train_tiny(out: Path, *extra: str) -> Any:
 
 @pytest.mark.run_report
 def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path, monkeypatch):
-    import googlenet.evaluate
-    import googlenet.report
-    from googlenet import engine
+    import googlenet.infer.evaluate
+    import googlenet.insight.report
+    from googlenet.training import engine
 
     reporting: list[bool] = []  # non-empty while the report is being built
-    build, validate = googlenet.report.build_report, engine.validate
+    build, validate = googlenet.insight.report.build_report, engine.validate
 
     def watched_build(*a, **k):
         reporting.append(True)
@@ -124,9 +124,9 @@ def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path,
         assert not reporting, "the report must reuse the recorded validation"
         return validate(*a, **k)
 
-    monkeypatch.setattr(googlenet.report, "build_report", watched_build)
+    monkeypatch.setattr(googlenet.insight.report, "build_report", watched_build)
     monkeypatch.setattr(engine, "validate", watched_validate)
-    monkeypatch.setattr(googlenet.evaluate, "evaluate", watched_validate)
+    monkeypatch.setattr(googlenet.infer.evaluate, "evaluate", watched_validate)
     result = _train_tiny(tmp_path / "run", "tta=flip")
     text = (tmp_path / "run" / "report.html").read_text()
     for heading in (
@@ -144,12 +144,12 @@ def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path,
 
 @pytest.mark.run_report
 def test_a_failing_report_warns_once_and_keeps_the_run(tmp_path: Path, monkeypatch, capsys):
-    import googlenet.report
+    import googlenet.insight.report
 
     def broken(*a, **k):
         raise RuntimeError("no plots today\n(second line)")
 
-    monkeypatch.setattr(googlenet.report, "build_report", broken)
+    monkeypatch.setattr(googlenet.insight.report, "build_report", broken)
     result = _train_tiny(tmp_path / "run")  # returns normally: the CLI exits 0
     run = tmp_path / "run"
     assert (run / "last.safetensors").is_file() and (run / "val_predictions.csv").is_file()

@@ -1,4 +1,4 @@
-"""Run folders are never silently overwritten; one run per folder at a time (googlenet.runs)."""
+"""Run folders are never silently overwritten; one run per folder at a time (training.runs)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from googlenet import runs
 from googlenet.errors import UserError
+from googlenet.training import runs
 
 
 def _fake_run(folder, *names):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.inference import load
+from googlenet.infer.inference import load
 from tests.conftest import free_port, make_checkpoint, png_bytes
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")

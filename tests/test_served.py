@@ -9,12 +9,12 @@ import torch
 
 import googlenet
 from googlenet.checkpoint import load_checkpoint, load_model, model_from_meta
-from googlenet.config import resolve_config
-from googlenet.engine import train
 from googlenet.errors import UserError
-from googlenet.evaluate import load_members
-from googlenet.finetune import read_init
-from googlenet.optim import serve_rule
+from googlenet.infer.evaluate import load_members
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
+from googlenet.training.finetune import read_init
+from googlenet.training.optim import serve_rule
 from tests.conftest import synth
 
 BASE = ["input_size=16", "batch_size=8", "lr=0.05", "precision=fp32", "channels_last=false",
@@ -34,7 +34,7 @@ def _logits(state: dict, meta, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_two_step_run_serves_the_raw_weights_and_every_consumer_uses_them(tmp_path):
-    from googlenet.export import export_checkpoint
+    from googlenet.infer.export import export_checkpoint
 
     res = _train(tmp_path)  # 16 images, batch 8: 2 optimizer steps
     ckpt = res.out / "last.safetensors"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from googlenet.cli import main
+from googlenet.data.shards import read_index, write_shards
 from googlenet.errors import UserError
-from googlenet.shards import read_index, write_shards
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -155,9 +155,9 @@ def _samples(loader, size: int = 16) -> collections.Counter:
 
 
 def _loaders(tmp_path, split: str, **kw):
-    from googlenet.datasets import load_image_folder
-    from googlenet.loader import BatchLoader
-    from googlenet.shards import ShardLoader, load_shards
+    from googlenet.data.datasets import load_image_folder
+    from googlenet.data.loader import BatchLoader
+    from googlenet.data.shards import ShardLoader, load_shards
     from googlenet.transforms import Preprocess
 
     sets = dict(zip(("train", "val"), load_shards(tmp_path / "shards"), strict=True))
@@ -205,8 +205,8 @@ def test_shards_split_by_rank(tmp_path):
 
 
 def test_train_from_shards(tmp_path):
-    from googlenet.config import resolve_config
-    from googlenet.engine import train
+    from googlenet.training.config import resolve_config
+    from googlenet.training.engine import train
 
     make_folder(tmp_path / "data", n_train=4, n_val=2)
     write_shards(tmp_path / "data", tmp_path / "shards", shard_size_mb=0.05, workers=1)

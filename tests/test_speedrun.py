@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from googlenet.augment import Augment
 from googlenet.checkpoint import load_checkpoint
-from googlenet.config import resolve_config
-from googlenet.datasets import ArrayDataset
-from googlenet.engine import train
+from googlenet.data.augment import Augment
+from googlenet.data.datasets import ArrayDataset
+from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
-from googlenet.loader import BatchLoader
 from googlenet.model import build
-from googlenet.optim import Lookahead, lr_at, whiten_conv1
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import train
+from googlenet.training.optim import Lookahead, lr_at, whiten_conv1
 from googlenet.transforms import Preprocess
 from tests.conftest import synth
 
@@ -83,7 +83,7 @@ def test_frozen_bn_scales_stay_one_and_bn_momentum_is_set(tmp_path):
 
 def test_norm_bias_group_gets_scaled_lr(tmp_path):
     cfg = tiny(tmp_path, "norm_bias_lr_scale=64")
-    from googlenet.optim import make_optimizer, set_lr
+    from googlenet.training.optim import make_optimizer, set_lr
 
     model = build("cifar", num_classes=4)
     opt = make_optimizer(cfg, model)
@@ -100,7 +100,7 @@ def test_norm_bias_group_gets_scaled_lr(tmp_path):
 
 
 def test_fused_sgd_steps_like_the_per_tensor_loop(tmp_path):
-    from googlenet.optim import make_optimizer, set_lr
+    from googlenet.training.optim import make_optimizer, set_lr
 
     cfg = tiny(tmp_path, "norm_bias_lr_scale=8", "weight_decay=0.01")
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_fused_sgd_steps_like_the_per_tensor_loop(tmp_path):
 
 def test_restored_momentum_keeps_the_channels_last_layout_fused_sgd_needs(tmp_path):
     from googlenet.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
-    from googlenet.optim import make_optimizer
+    from googlenet.training.optim import make_optimizer
 
     cfg = tiny(tmp_path)
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def test_alternate_flip_flips_each_image_once_in_two_epochs():
 
 
 def test_holdout_validates_on_training_images(tmp_path):
-    from googlenet.datasets import hold_out
+    from googlenet.data.datasets import hold_out
 
     data = synth(48, 0)
     rest, held = hold_out(data, 16, seed=0)
@@ -268,7 +268,7 @@ def test_folded_batchnorm_equals_unfolded_eval(variant):
 def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
     """A run validated on held-out training images is re-evaluated on those images (rebuilt
     from the recorded root and seed), not silently on the test split."""
-    from googlenet.evaluate import evaluate
+    from googlenet.infer.evaluate import evaluate
     from tests.test_crash import fake_cifar
 
     data = fake_cifar(tmp_path / "data", n_train=100, n_test=30)
@@ -317,7 +317,7 @@ def test_train_crop_trains_on_smaller_crops_and_validates_at_input_size(
 
 
 def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, monkeypatch):
-    import googlenet.engine as engine
+    import googlenet.training.engine as engine
 
     lrs: list[float] = []
     set_lr = engine.set_lr
@@ -372,8 +372,8 @@ def test_final_flip_tta_reuses_the_plain_pass_for_its_first_view(tmp_path, monke
 
 
 def test_validation_abandoned_in_a_cut_short_pass_saves_that_pass_as_done(tmp_path, monkeypatch):
-    import googlenet.engine as engine
-    from googlenet.interrupt import Interrupted
+    import googlenet.training.engine as engine
+    from googlenet.training.interrupt import Interrupted
 
     real = engine.validate
     monkeypatch.setattr(engine, "validate", lambda *a, **k: None)  # as if Ctrl-C came in it
@@ -414,7 +414,7 @@ def test_keep_freed_memory_serves_large_tensors_from_the_kept_heap():
 
 
 def test_keep_freed_memory_is_a_config_key_applied_on_cpu_runs(tmp_path, monkeypatch):
-    import googlenet.engine as engine
+    import googlenet.training.engine as engine
 
     calls = []
     monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)

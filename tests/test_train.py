@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from googlenet import engine
 from googlenet.checkpoint import load_checkpoint, load_model
 from googlenet.cli import main
-from googlenet.config import resolve_config
-from googlenet.engine import TrainingDiverged, train
 from googlenet.errors import UserError
-from googlenet.optim import WeightAverage
+from googlenet.training import engine
+from googlenet.training.config import resolve_config
+from googlenet.training.engine import TrainingDiverged, train
+from googlenet.training.optim import WeightAverage
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from tests.conftest import SPEEDRUN_OFF, synth
 

@@ -17,20 +17,14 @@ from torch import Tensor, nn
 
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
-from googlenet.config import resolve_config
 from googlenet.devices import make_runner
 from googlenet.errors import UserError
-from googlenet.evaluate import (
-    array_batches,
-    evaluate,
-    evaluate_batches,
-    input_views,
-    shift,
-    tta_logits,
-)
+from googlenet.infer.evaluate import array_batches, evaluate, evaluate_batches
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.model import build
+from googlenet.training.config import resolve_config
 from googlenet.transforms import Preprocess
+from googlenet.tta import input_views, shift, tta_logits
 from tests.conftest import SPEEDRUN_OFF, calibrate
 
 PP = Preprocess(16, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25), 16)

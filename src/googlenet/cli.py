@@ -66,8 +66,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from googlenet.datasets import resolve_data_root
-    from googlenet.download import download_cifar
+    from googlenet.data.datasets import resolve_data_root
+    from googlenet.data.download import download_cifar
 
     folder = download_cifar(resolve_data_root(args.data), args.dataset)
     print(f"{args.dataset}: {folder}")
@@ -125,9 +125,9 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from googlenet import runs
-    from googlenet.config import DEFAULT_RECIPE, resolve_config
-    from googlenet.engine import TrainingDiverged, train
+    from googlenet.training import runs
+    from googlenet.training.config import DEFAULT_RECIPE, resolve_config
+    from googlenet.training.engine import TrainingDiverged, train
 
     overrides = list(args.overrides)
     config_file = args.config
@@ -213,7 +213,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from googlenet.checkpoint import resolve_checkpoint
     from googlenet.devices import keep_freed_memory
-    from googlenet.evaluate import evaluate, format_result, write_report
+    from googlenet.infer.evaluate import evaluate, format_result, write_report
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
@@ -245,7 +245,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
-    from googlenet.inference import load, predict_files
+    from googlenet.infer.inference import load, predict_files
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
@@ -279,7 +279,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from googlenet.export import export_checkpoint
+    from googlenet.infer.export import export_checkpoint
 
     report = export_checkpoint(
         args.checkpoint, args.format, args.out, args.data, device=args.device
@@ -338,8 +338,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from googlenet.explain import ExplainOptions, explain_files
-    from googlenet.inference import load
+    from googlenet.infer.inference import load
+    from googlenet.insight.explain import ExplainOptions, explain_files
 
     for name in ("limit", "channels", "size", "steps"):
         if getattr(args, name) < 1:
@@ -384,7 +384,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from googlenet.report import write_report
+    from googlenet.insight.report import write_report
 
     path = write_report(
         args.run,
@@ -458,7 +458,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 def _run_shards(args: argparse.Namespace) -> int:
     import warnings
 
-    from googlenet.shards import write_shards
+    from googlenet.data.shards import write_shards
 
     def progress(split: str, done: int, total: int) -> None:
         print(f"{split}: {done}/{total}", file=sys.stderr, end="\r", flush=True)

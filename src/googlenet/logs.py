@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
-
-HEADS = ("", "aux1_", "aux2_")  # column prefixes after "train_"/"val_": main, aux1, aux2
+from googlenet.files import atomic_write_bytes, atomic_write_text
+from googlenet.model import HEAD_PREFIXES
 
 
 class RunLog:
@@ -89,7 +88,7 @@ def plot_history(rows: Sequence[dict[str, Any]], folder: str | Path) -> list[Pat
     written = []
     for metric, ylabel in (("loss", "loss"), ("acc", "accuracy (%)")):
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-        for head, colour in zip(HEADS, ("C0", "C1", "C2"), strict=True):
+        for head, colour in zip(HEAD_PREFIXES, ("C0", "C1", "C2"), strict=True):
             name = head.rstrip("_") or "output"
             for split, style in (("train", "-"), ("val", "--")):
                 key = f"{split}_{head}{metric}"

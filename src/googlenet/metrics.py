@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-HEAD_NAMES = ("", "aux1_", "aux2_")  # metric prefixes: main output, aux1, aux2
+from googlenet.model import HEAD_PREFIXES
 
 
 def count_confusion(confusion: Tensor, labels: Tensor, predicted: Tensor) -> Tensor:
@@ -140,7 +140,7 @@ class Metrics:
         """The log row's entries: {prefix}_loss/_acc per head, and {prefix}_acc5 (main)."""
         out: dict[str, float] = {}
         for i in range(self.sums.shape[0]):
-            head = HEAD_NAMES[i]
+            head = HEAD_PREFIXES[i]
             out[f"{prefix}_{head}loss"] = self.loss(i)
             out[f"{prefix}_{head}acc"] = self.accuracy(i, 1)
             if i == 0:
@@ -168,7 +168,7 @@ def write_predictions(
 ) -> Path:
     """Per-image results as CSV (atomically): index in the data set, file path (empty for
     in-memory data), true and predicted class names, the predicted class's probability."""
-    from googlenet.checkpoint import atomic_write_text
+    from googlenet.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

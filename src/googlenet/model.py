@@ -36,6 +36,18 @@ INCEPTION_TABLE: tuple[tuple[str, int, int, int, int, int, int], ...] = (
 )
 
 
+# Every top-level block before the heads, in forward order (lrn1/lrn2: paper variant only).
+BLOCKS = (
+    "conv1", "maxpool1", "lrn1", "conv2", "conv3", "lrn2", "maxpool2",
+    "inception3a", "inception3b", "maxpool3",
+    "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+    "inception5a", "inception5b",
+)  # fmt: skip
+HEADS = ("fc", "aux1", "aux2")  # the classifier heads, in the order train() returns them
+AUX_TAPS = {"aux1": "inception4a", "aux2": "inception4d"}  # the block each aux head reads
+HEAD_PREFIXES = ("", "aux1_", "aux2_")  # metric and log column prefix of each head in HEADS
+
+
 class GoogLeNetOutputs(NamedTuple):
     """What a GoogLeNet returns in train() mode. aux1/aux2 are None when the heads are off."""
 

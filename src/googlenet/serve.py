@@ -181,7 +181,7 @@ def _install_error_handlers(app: Any, max_bytes: int) -> None:
 def _explain_extras(predictor: Any, x: Tensor, index: int) -> dict[str, Any]:
     """Grad-CAM for class `index` and the branch usage of one preprocessed image (run on the
     model's thread)."""
-    from googlenet import explain as E
+    from googlenet.insight import explain as E
 
     model, pp = predictor.model, predictor.preprocess
     cam = E.gradcam(model, x.unsqueeze(0), index)[0]
@@ -282,7 +282,7 @@ def serve(
     **app_kw: Any,
 ) -> None:
     """Load a checkpoint and serve it until interrupted."""
-    from googlenet.inference import load
+    from googlenet.infer.inference import load
 
     app = create_app(load(checkpoint), **app_kw)
     try:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from googlenet.model import AUX_TAPS
+
 
 @dataclass
 class LayerRow:
@@ -103,7 +105,7 @@ def summary(model: nn.Module, input_size: tuple[int, int, int] | None = None) ->
     order = [n for n, _ in m.named_children() if n in rows]
     # Show layers in forward order: aux heads after the block they branch from.
     fwd = [n for n in order if not n.startswith("aux")]
-    for aux, after in (("aux1", "inception4a"), ("aux2", "inception4d")):
+    for aux, after in AUX_TAPS.items():
         if aux in rows and after in fwd:
             fwd.insert(fwd.index(after) + 1, aux)
     return Summary(

@@ -26,7 +26,7 @@ from googlenet.errors import UserError
 
 if TYPE_CHECKING:
     from googlenet.checkpoint import CheckpointMeta
-    from googlenet.inference import Predictor
+    from googlenet.infer.inference import Predictor
 
 PREDICTIONS = "val_predictions.csv"
 
@@ -131,7 +131,7 @@ def _val_images(keys: list[str], labels: list[int], val_set: Any, size: int) -> 
 def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> str:
     """Images (3 x H x W, 0..1) as small PNGs with HTML captions, mistakes in red (PIL only:
     a matplotlib grid cost seconds)."""
-    from googlenet.explain import _to_uint8, _upscale, png_bytes
+    from googlenet.insight.explain import _to_uint8, _upscale, png_bytes
 
     cells = []
     for img, caption, ok in tiles:
@@ -145,7 +145,7 @@ def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> st
 
 def _bar(shares: Tensor) -> str:
     """A stacked horizontal bar of the four branch shares."""
-    from googlenet.explain import BRANCHES
+    from googlenet.insight.explain import BRANCHES
 
     spans = "".join(
         f"<span style='width:{100 * float(v):.2f}%;background:{c}' "
@@ -230,7 +230,7 @@ def _timing_html(rows: list[dict[str, Any]]) -> str:
 
 def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: CheckpointMeta) -> str:
     """Confusion matrix and per-class accuracy of the recorded predictions (not re-validated)."""
-    from googlenet.evaluate import confusion_png
+    from googlenet.infer.evaluate import confusion_png
     from googlenet.metrics import EvalResult, count_confusion
 
     c = len(classes)
@@ -274,7 +274,7 @@ def _picked_images(
     keys) or their files (path keys); None when they are not here."""
     keys, size = [p.key for p in picked], int(cfg.get("input_size") or 32)
     if val_set is None and keys and all(k.isdigit() for k in keys):
-        from googlenet.evaluate import recorded_val_set
+        from googlenet.infer.evaluate import recorded_val_set
 
         try:
             val_set = recorded_val_set(meta, cfg, data)
@@ -304,7 +304,7 @@ def _mistakes_html(
     predictor: Predictor, xw: Tensor, wrong: list[ValPrediction], classes: list[str]
 ) -> str:
     """Grad-CAMs of the wrong predictions; `xw` their preprocessed images."""
-    from googlenet import explain as E
+    from googlenet.insight import explain as E
 
     cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
     cells = []
@@ -352,7 +352,7 @@ def _validation_sections(
 
 
 def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
-    from googlenet import explain as E
+    from googlenet.insight import explain as E
 
     usage = E.branch_energy(model.eval(), usage_x)
     mean = usage.mean_shares()
@@ -383,7 +383,7 @@ def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
 
 
 def _filters_html(model: torch.nn.Module) -> str:
-    from googlenet import explain as E
+    from googlenet.insight import explain as E
 
     return "<h2>First-layer filters</h2>" + _img(
         E.png_bytes(E.filters_grid(model)), "first-layer filters"
@@ -391,7 +391,7 @@ def _filters_html(model: torch.nn.Module) -> str:
 
 
 def _features_html(predictor: Predictor, features: str, channels: int) -> str:
-    from googlenet import explain as E
+    from googlenet.insight import explain as E
 
     chans = list(range(channels))
     pp = predictor.preprocess
@@ -435,7 +435,7 @@ def build_report(
 ) -> str:
     """The report page for a run folder, as HTML text. `val_set` (a data set with
     get_images) saves re-reading the validation images when training has them loaded."""
-    from googlenet.inference import load
+    from googlenet.infer.inference import load
     from googlenet.logs import read_jsonl
 
     t0 = time.perf_counter()
@@ -480,7 +480,7 @@ def write_report(
 ) -> Path:
     """Write the report (default RUN/report.html); an existing file is replaced only when this
     module wrote it (a derived page) or with force=True. Returns its path."""
-    from googlenet.checkpoint import atomic_write_text
+    from googlenet.files import atomic_write_text
 
     path = Path(out) if out else Path(run) / "report.html"
     if path.exists() and not (force or _ours(path)):
@@ -507,7 +507,7 @@ def report_after_training(
     validation images `val_set` training holds, without validating again. A report written
     here before is replaced; any other file of that name is kept. Never raises: a failure is
     one warning line and None, so the run is never lost to its report."""
-    from googlenet.checkpoint import atomic_write_text
+    from googlenet.files import atomic_write_text
 
     run = Path(run)
     path = run / "report.html"

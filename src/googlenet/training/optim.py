@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from googlenet.config import TrainConfig
 from googlenet.errors import UserError
+from googlenet.training.config import TrainConfig
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -75,7 +75,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     conv/linear weights only unless decay_norm_bias; BatchNorm biases in a group of their own
     when norm_bias_lr_scale != 1; with backbone_lr_scale != 1 the heads (aux1, aux2, fc) apart
     from the rest. A group's "lr_scale" multiplies the schedule's lr (set_lr)."""
-    from googlenet.finetune import is_head
+    from googlenet.training.finetune import is_head
 
     norm_bias = {id(m.bias) for m in _norm_layers(model) if m.bias is not None}
     if cfg.norm_bias_lr_scale == 1:

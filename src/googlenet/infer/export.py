@@ -188,7 +188,7 @@ def _strict_fp32() -> Iterator[None]:
 def real_inputs(meta: CheckpointMeta, data: str | Path | None, n: int = 8) -> Tensor | None:
     """A few real test images, preprocessed as the checkpoint says (CIFAR test split when the
     checkpoint is a CIFAR one and the data is found), else None."""
-    from googlenet.datasets import load_cifar, resolve_data_root
+    from googlenet.data.datasets import load_cifar, resolve_data_root
 
     if meta.dataset not in ("cifar10", "cifar100"):
         return None
@@ -213,7 +213,7 @@ def export_model(
     """Export `model` to `out` (written atomically) and verify it against the PyTorch model
     on `device` (fp32): random batches of 1 and 3 (the batch axis is dynamic) and, when given,
     real preprocessed images. The file itself is always made from a CPU copy."""
-    from googlenet.checkpoint import atomic_write_bytes
+    from googlenet.files import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from googlenet.datasets import ARCHIVES
+from googlenet.data.datasets import ARCHIVES
 from googlenet.errors import UserError
 
 

@@ -613,7 +613,7 @@ def _load_inputs(
 ) -> tuple[list[Path], Tensor, int | None]:
     """The image files, their normalised N x 3 x S x S batch and the Grad-CAM class (None:
     each image's prediction); a bad request fails here, before any image is read."""
-    from googlenet.inference import iter_image_files
+    from googlenet.infer.inference import iter_image_files
     from googlenet.transforms import read_image
 
     model, pp = predictor.model, predictor.preprocess
@@ -659,7 +659,7 @@ class _Writer:
         self.written: list[Path] = []
 
     def write(self, name: str, data: bytes | str) -> None:
-        from googlenet.checkpoint import atomic_write_bytes, atomic_write_text
+        from googlenet.files import atomic_write_bytes, atomic_write_text
 
         path = self.out / name
         (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(path, data)
@@ -755,7 +755,7 @@ def data_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalised (x, labels) batches of the first `limit` test images of the checkpoint's data
     set (CIFAR under a data root) or of a folder of class sub-folders, evenly spread."""
-    from googlenet.evaluate import Member, eval_batches
+    from googlenet.infer.evaluate import Member, eval_batches
 
     member = Member(predictor.model, predictor.meta, "checkpoint")
     batches, _, _ = eval_batches(member, data, batch_size, limit)

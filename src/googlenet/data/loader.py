@@ -9,16 +9,25 @@ copy of a dataset never exists. Order and augmentation come from a torch.Generat
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from googlenet.augment import Augment, crop_flip, cutout, photometric, scale_aspect_boxes
+from googlenet.data.augment import Augment, crop_flip, cutout, photometric, scale_aspect_boxes
 from googlenet.errors import UserError
 from googlenet.transforms import Preprocess, full_box, resample
 
-if TYPE_CHECKING:
-    from googlenet.datasets import Dataset
+
+class Dataset(Protocol):
+    """What BatchLoader needs: a length, labels, and uint8 images for a batch of indices."""
+
+    labels: torch.Tensor
+    classes: list[str]
+    prepared: Preprocess | None  # geometry already applied to the stored images, if any
+
+    def __len__(self) -> int: ...
+
+    def get_images(self, idx: torch.Tensor) -> torch.Tensor: ...
 
 
 def mix_seed(*parts: int) -> int:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from googlenet.datasets import MAX_BAD
+from googlenet.data.datasets import MAX_BAD
+from googlenet.data.listing import list_folder
+from googlenet.data.loader import BatchLoader, mix_seed
 from googlenet.errors import UserError
-from googlenet.listing import list_folder
-from googlenet.loader import BatchLoader, mix_seed
 from googlenet.transforms import _to_rgb, read_image_resized
 
 SPLITS = ("train", "val")
@@ -228,7 +228,7 @@ def write_shards(
             for s, r in reports.items()
         },
     }
-    from googlenet.checkpoint import atomic_write_text
+    from googlenet.files import atomic_write_text
 
     atomic_write_text(out / CLASSES_FILE, json.dumps(manifest, indent=1) + "\n")
     return ShardReport(out, classes, reports)

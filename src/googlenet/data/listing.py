@@ -120,7 +120,7 @@ def list_folder(root: str | Path, cache_dir: str | Path | None = None) -> Listin
         meta = {"format": FORMAT, "root": str(root), "dirs": dirs, "classes": classes}
         meta["files"] = by_class
         try:
-            from googlenet.checkpoint import atomic_write_text
+            from googlenet.files import atomic_write_text
 
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps(meta, separators=(",", ":")))

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from googlenet.data.loader import mix_seed
 from googlenet.errors import UserError
-from googlenet.loader import mix_seed
 from googlenet.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -138,18 +138,6 @@ def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         members = (labels == k).nonzero()[:, 0]
         chosen.append(members[torch.randperm(len(members), generator=g)[:t]])
     return torch.cat(chosen).sort().values
-
-
-class Dataset(Protocol):
-    """What BatchLoader needs: a length, labels, and uint8 images for a batch of indices."""
-
-    labels: torch.Tensor
-    classes: list[str]
-    prepared: Preprocess | None  # geometry already applied to the stored images, if any
-
-    def __len__(self) -> int: ...
-
-    def get_images(self, idx: torch.Tensor) -> torch.Tensor: ...
 
 
 def norm_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -398,7 +386,7 @@ def load_cifar(
     root = Path(root)
     found = _find_cifar(root, name)
     if found is None and download:
-        from googlenet.download import download_cifar
+        from googlenet.data.download import download_cifar
 
         download_cifar(root, name)
         found = _find_cifar(root, name)
@@ -593,7 +581,7 @@ def list_image_folder(
     """(files, labels, classes) of a folder of class sub-folders (listing.list_folder order:
     by sub-folder, then name). With `classes` (the training classes, for val/) the labels are
     those of the sub-folders' names (map_classes)."""
-    from googlenet.listing import list_folder
+    from googlenet.data.listing import list_folder
 
     listing = list_folder(root, cache_dir)
     labels = torch.tensor(listing.labels, dtype=torch.int64)

@@ -25,33 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
+from googlenet.model import BLOCKS, HEADS
 
 if TYPE_CHECKING:
-    from googlenet.config import TrainConfig
+    from googlenet.training.config import TrainConfig
 
-HEADS = ("aux1", "aux2", "fc")  # trainable whatever `freeze` says; full lr
 CLASSIFIERS = ("fc.", "aux1.fc2.", "aux2.fc2.")  # their outputs are the classes
-# Every top-level block before the heads, in forward order (lrn1/lrn2: paper variant only).
-BLOCKS = (
-    "conv1",
-    "maxpool1",
-    "lrn1",
-    "conv2",
-    "conv3",
-    "lrn2",
-    "maxpool2",
-    "inception3a",
-    "inception3b",
-    "maxpool3",
-    "inception4a",
-    "inception4b",
-    "inception4c",
-    "inception4d",
-    "inception4e",
-    "maxpool4",
-    "inception5a",
-    "inception5b",
-)
 # Options an init checkpoint supplies unless the user sets them: config key -> where it is.
 FROM_CHECKPOINT = ("variant", "transform_input", "input_size", "mean", "std")
 

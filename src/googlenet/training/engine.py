@@ -43,29 +43,30 @@ from googlenet.checkpoint import (
     CheckpointMeta,
     TrainingState,
     Validation,
-    atomic_write_text,
     load_checkpoint,
     load_state_dict_strict,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     save_checkpoint,
 )
-from googlenet.config import TrainConfig, to_toml
-from googlenet.datasets import hold_out, stratified_indices
+from googlenet.data.datasets import hold_out, stratified_indices
+from googlenet.data.loader import BatchLoader
 from googlenet.devices import autocast, keep_freed_memory, pick_device, pick_dtype
-from googlenet.distributed import (
+from googlenet.errors import UserError, note
+from googlenet.files import atomic_write_text
+from googlenet.fuse import fold_batchnorm
+from googlenet.metrics import VAL_PREDICTIONS, Metrics, write_predictions
+from googlenet.model import AUX_TAPS, HEAD_PREFIXES
+from googlenet.training.config import TrainConfig, to_toml
+from googlenet.training.distributed import (
     Dist,
     all_reduce,
     broadcast_buffers,
     gather_by_index,
     init_distributed,
 )
-from googlenet.errors import UserError, note
-from googlenet.fuse import fold_batchnorm
-from googlenet.interrupt import Interrupted, StopRequest
-from googlenet.loader import BatchLoader
-from googlenet.metrics import HEAD_NAMES, VAL_PREDICTIONS, Metrics, write_predictions
-from googlenet.optim import (
+from googlenet.training.interrupt import Interrupted, StopRequest
+from googlenet.training.optim import (
     Lookahead,
     WeightAverage,
     apply_norm_options,
@@ -116,7 +117,7 @@ def _aux_taps(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     feats: dict[str, Tensor] = {}
     hooks = []
     if getattr(model, "aux1", None) is not None:
-        for name in ("inception4a", "inception4d"):
+        for name in AUX_TAPS.values():
             mod = getattr(model, name)
             hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: feats.__setitem__(n, o)))
     try:
@@ -154,11 +155,11 @@ def validate(
     captured by hooks (also eval(): no dropout). Counts are reduced over every rank; with
     `predictions` the per-image results are gathered from every rank too. None when `stop`
     was requested before the end (validation abandoned). With `tta` (an input mode of
-    evaluate.tta_logits, run as evaluate's runner runs the model) only the main head, its
+    tta.tta_logits, run as evaluate's runner runs the model) only the main head, its
     mean logits over the views, reported as val_tta_loss/_acc/_acc5 next to the plain pass's
     val_* (every head), in one pass: the plain logits are the TTA's first view. val_tta_s: the
     seconds the other views took. `predictions`: those of the TTA score when there is one."""
-    from googlenet.evaluate import tta_logits
+    from googlenet.tta import tta_logits
 
     d = dist or Dist()
     was_training = model.training
@@ -184,7 +185,7 @@ def validate(
             with autocast(device, dtype):
                 outs = [model(x)]
                 if heads == 3:
-                    outs += [model.aux1(feats["inception4a"]), model.aux2(feats["inception4d"])]
+                    outs += [getattr(model, h)(feats[tap]) for h, tap in AUX_TAPS.items()]
             pred = meter.update(outs, y, _losses(outs, y, smoothing))
             if tta_meter is not None:
                 t0 = time.perf_counter()
@@ -224,10 +225,10 @@ def _load_data(
     listed (the listing cached in the run folder `out`) and prepared when read: training ones
     as the working square (prepare.working()), validation ones exactly as `prepare` says, so
     validation and `googlenet evaluate` see the same pixels."""
-    from googlenet import datasets
+    from googlenet.data import datasets
 
     if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
-        from googlenet.shards import load_shards
+        from googlenet.data.shards import load_shards
 
         shards = load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
         return shards[0], shards[1], {"dataset": "shards"}
@@ -421,7 +422,7 @@ def train(
     (WORLD_SIZE > 1) it runs data-parallel; only rank 0 writes. Raises TrainingDiverged on a
     NaN/inf loss and Interrupted (a KeyboardInterrupt) after saving on Ctrl-C / SIGTERM.
     """
-    from googlenet import runs
+    from googlenet.training import runs
 
     cfg.validate()
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -478,7 +479,7 @@ def _train(run: _Run) -> RunResult:
     if d.main and run.progress and run.served:
         print(f"serving the {run.served} weights ({run.served_reason})", file=sys.stderr)
     if d.main and cfg.report:  # from what validation recorded; a failure only warns
-        from googlenet.report import report_after_training
+        from googlenet.insight.report import report_after_training
 
         report_after_training(run.out, run.val_loader.dataset, run.progress)
     return RunResult(
@@ -522,8 +523,8 @@ def _setup(
     progress: bool,
 ) -> _Run:
     """Data, model, optimizer, loaders and the run folder (restored from `last` on resume)."""
-    from googlenet import finetune
     from googlenet.logs import RunLog
+    from googlenet.training import finetune
 
     init = None
     # A resume restores its own checkpoint instead; one killed before its first starts afresh.
@@ -602,7 +603,7 @@ def _setup_data(
     cfg: TrainConfig, out: Path, train_set: Any, val_set: Any, data_root: str | Path | None
 ) -> _Data:
     """Load (or take) the datasets, hold out / limit them as configured, check the labels."""
-    from googlenet.datasets import norm_stats
+    from googlenet.data.datasets import norm_stats
     from googlenet.model import get_spec
 
     # What validation feeds the model; recorded in every checkpoint as it is used.
@@ -657,8 +658,8 @@ def _setup_model(
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None, list[str]]:
     """The model on its device: built, initialised (init checkpoint or whitening), frozen as
     configured. Returns it, its build args, the init record and the frozen layers' names."""
-    from googlenet import finetune
     from googlenet.model import build
+    from googlenet.training import finetune
 
     # Same seed on every rank (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
@@ -697,8 +698,8 @@ def _make_loaders(
     cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
 ) -> tuple[Any, Any]:
     """The training loader (shuffled, augmented, whole batches) and the validation loader."""
-    from googlenet.augment import Augment
-    from googlenet.datasets import ArrayDataset
+    from googlenet.data.augment import Augment
+    from googlenet.data.datasets import ArrayDataset
 
     augment = Augment(
         crop_padding=cfg.crop_padding,
@@ -713,7 +714,7 @@ def _make_loaders(
     if not isinstance(data.train_set, ArrayDataset):  # decoded from files while training
         kw["workers"] = loader_workers(cfg)
     if cfg.dataset == "shards" and not isinstance(data.train_set, ArrayDataset):
-        from googlenet.shards import ShardLoader
+        from googlenet.data.shards import ShardLoader
 
         loader_cls: Any = functools.partial(ShardLoader, size=_working_side(cfg, data.size))
     else:
@@ -1049,7 +1050,7 @@ def _summary_line(row: dict[str, Any], epochs: int, tta: str = "none") -> str:
         s = f"loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.2f}%"
         aux = [
             f"{h[:-1]} {row[f'{split}_{h}acc']:.1f}%"
-            for h in HEAD_NAMES[1:]
+            for h in HEAD_PREFIXES[1:]
             if f"{split}_{h}acc" in row
         ]
         return s + (f" ({', '.join(aux)})" if aux else "")

@@ -160,7 +160,7 @@ class TrainConfig:
     checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
     tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
     #   none | flip (the image and its mirror) | flip-shift (those and 1-pixel diagonal shifts,
-    #   6 views; evaluate.input_views); logits averaged. Per-epoch validation stays plain.
+    #   6 views; tta.input_views); logits averaged. Per-epoch validation stays plain.
     report: bool = True  # write RUN/report.html at the end from the recorded validation (~seconds)
     out: str = ""  # run folder; empty: runs/<recipe>
 
@@ -216,7 +216,7 @@ class TrainConfig:
                 "config keys 'init' and 'whiten_init' exclude each other "
                 "(whitening would replace conv1's loaded weights)"
             )
-        from googlenet.finetune import BLOCKS
+        from googlenet.model import BLOCKS
 
         if self.freeze and self.freeze not in BLOCKS:
             raise UserError(
@@ -293,7 +293,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def list_recipes() -> list[str]:
     """Names of the recipes shipped in googlenet/recipes/."""
-    folder = resources.files("googlenet") / "recipes"
+    folder = resources.files("googlenet.training") / "recipes"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
@@ -320,7 +320,7 @@ def _read_text(path: Path) -> str:
 def recipe_values(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The key/values of a shipped recipe; one naming a base (`recipe = "..."`) gets the
     base's values with its own on top, so a variation of a recipe states only what differs."""
-    path = resources.files("googlenet") / "recipes" / f"{name}.toml"
+    path = resources.files("googlenet.training") / "recipes" / f"{name}.toml"
     if name not in list_recipes() or not path.is_file():
         raise UserError(f"unknown recipe {name!r}; expected one of {', '.join(list_recipes())}")
     values = _read_toml(path.read_text(encoding="utf-8"), f"recipe {name!r}")

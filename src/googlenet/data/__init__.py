@@ -1,0 +1,1 @@
+"""Data: CIFAR, image folders, shards, the batch loader and augmentation."""

@@ -1,0 +1,1 @@
+"""Inference: load a checkpoint and predict, evaluate, export."""

@@ -1,0 +1,1 @@
+"""Training: the config and recipes, the engine, optimizer, fine-tuning, run folders."""
