@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser train test lint format summary clean
+.PHONY: setup browser train test test-fast lint format summary clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(STAMP) browser
 	$(PY) -m ruff check src tests bench
 	$(PY) -m ruff format --check src tests bench
 	$(PY) -m pytest $(ARGS)
+
+# The quick loop while editing: no slow, real-CIFAR or browser tests (about a minute).
+test-fast: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -m "not slow and not cifar and not browser" $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

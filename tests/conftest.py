@@ -34,6 +34,22 @@ def _cifar_dir() -> Path:
 CIFAR_ROOT = _cifar_dir()
 
 
+def reference_shapes() -> dict[str, list[int]]:
+    """torchvision's GoogLeNet state_dict listing (key -> shape) from ../shared/reference;
+    skips the calling test when it is absent."""
+    if not REFERENCE.is_file():
+        pytest.skip(f"{REFERENCE} not found")
+    return json.loads(REFERENCE.read_text())["state_dict"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reads the real CIFAR-10 is marked `cifar`, so `-m "not cifar"` leaves it
+    out (make test-fast) whether or not its author marked it."""
+    for item in items:
+        if "cifar_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cifar)
+
+
 @pytest.fixture
 def cifar_root() -> Path:
     """Folder holding the real cifar-10-batches-bin; skips the test when it is absent."""

@@ -155,6 +155,18 @@ def test_disabled_by_environment(monkeypatch):
     assert use_fast_pool(build("cifar", num_classes=10)) == 0
 
 
+def test_an_unwritable_cache_falls_back_to_aten(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # a cache path below a file cannot be created, even by root
+    monkeypatch.setenv("GOOGLENET_CACHE", str(blocker / "googlenet"))
+    monkeypatch.setattr(fastpool, "_state", {})
+    assert fastpool.library() is None
+    model = build("cifar", num_classes=10).eval()
+    assert use_fast_pool(model) == 0
+    with torch.autocast("cpu", torch.bfloat16):  # the bf16 CPU path runs on ATen's pools
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_pools_the_kernel_does_not_take_stay_aten():
     model = build("bn", num_classes=10)  # torchvision's: ceil-mode 3x3/2 pools, 2x2 maxpool4
     assert use_fast_pool(model) == 9 + 3

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -407,9 +408,13 @@ def test_mutated_cifar_archives_load_or_fail_in_one_line(data, tmp_path):
     archive = root / "cifar-10-python.tar.gz"
     archive.write_bytes(mutate(ARCHIVE, data.draw))
     try:
-        load_cifar(root, "cifar10", data.draw(st.sampled_from(["train", "test"])))
+        ds = load_cifar(root, "cifar10", data.draw(st.sampled_from(["train", "test"])))
     except UserError as e:
         assert "\n" not in str(e) and "cifar-10-python.tar.gz" in str(e), e
+    else:  # a mutation it accepts must still give a well-formed data set
+        assert ds.images.dtype == torch.uint8 and ds.images.shape[1:] == (3, 32, 32)
+        assert len(ds.labels) == len(ds.images) and int(ds.labels.max()) < 10
+        assert len(ds.classes) == 10
 
 
 def test_cifar_archive_with_a_huge_member_is_refused_without_reading_it(tmp_path):

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ import googlenet
 from googlenet import GoogLeNetOutputs, UserError, build, list_variants
 from googlenet.model import INCEPTION_TABLE
 from googlenet.summary import count_params, summary
-from tests.conftest import REFERENCE
+from tests.conftest import reference_shapes
 
 VARIANTS = list_variants()
 
@@ -67,7 +65,7 @@ def test_inception_table_matches_paper_output_widths():
 
 
 def test_bn_state_dict_matches_torchvision_listing():
-    ref = json.loads(REFERENCE.read_text())["state_dict"]
+    ref = reference_shapes()
     model = build("bn", num_classes=1000)
     sd = model.state_dict()
     assert list(sd) == list(ref)

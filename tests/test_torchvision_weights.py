@@ -5,7 +5,6 @@ weights."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,7 @@ from googlenet.cli import main
 from googlenet.errors import UserError
 from googlenet.model import build
 from googlenet.torchvision_weights import convert_torchvision, imagenet_classes
-from tests.conftest import REFERENCE
-
-
-def reference_shapes() -> dict[str, list[int]]:
-    if not REFERENCE.is_file():
-        pytest.skip(f"{REFERENCE} not found")
-    return json.loads(REFERENCE.read_text())["state_dict"]
+from tests.conftest import reference_shapes
 
 
 def synthetic_state(aux: bool = True) -> dict[str, torch.Tensor]:

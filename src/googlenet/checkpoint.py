@@ -74,7 +74,7 @@ class CheckpointMeta:
     model: dict[str, Any]  # build() arguments: variant, num_classes, aux_logits, transform_input..
     classes: list[str]  # class names, index = label
     preprocess: Preprocess  # how images become the model input, exactly as validation used it
-    dataset: str  # what it was trained on: cifar10 | cifar100 | folder | imagenet
+    dataset: str  # what it was trained on: cifar10 | cifar100 | folder | shards | imagenet
     provenance: dict[str, Any] = field(default_factory=dict)  # source: train (+ config) | ...
     validation: Validation | None = None  # None: not recorded (imported, or an old checkpoint)
     training: TrainingState | None = None  # None: not a training checkpoint (e.g. imported)

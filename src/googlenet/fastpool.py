@@ -61,9 +61,12 @@ def _compile(cc: str, openmp: bool) -> Path | None:
     lib = _cache_dir() / f"fastpool-{key}.so"
     if lib.is_file():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
+    try:  # an unwritable cache (read-only home, container) means ATen's pool, not a crash
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+    except OSError:
+        return None
     try:
         # without OpenMP the kernel runs on the calling thread; some compilers lack
         # -march=native

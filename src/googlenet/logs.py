@@ -1,4 +1,4 @@
-"""Run logs: one row per epoch as JSONL (append-only) and CSV, and PNG plots of the curves.
+"""Run logs: one row per epoch as JSONL and CSV, and PNG plots of the curves.
 
 Rows are flat dicts: epoch, lr, train_/val_ loss and accuracy per head (main, aux1, aux2),
 images/s and seconds. Every file is rewritten whole each epoch (atomically), so a kill or a
