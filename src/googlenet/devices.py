@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 from collections.abc import Callable
 
@@ -52,22 +53,72 @@ def pick_dtype(
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None elsewhere (musl has no libc.so.6; macOS and Windows no mallopt)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+# What keep_freed_memory may keep: the resident size may grow to KEEP_SLACK x its size after
+# the first step (the step's working set) before freed memory is handed back. Unbounded, the
+# tutorial's batch of 256 at 224 px peaked at 5.0-9.2 GB instead of 4.0 GB (issue 22).
+KEEP_SLACK = 1.25
+_kept: dict[str, int] = {}  # "limit": the resident size (bytes) past which memory is trimmed
+
+
 def keep_freed_memory() -> bool:
     """glibc: from now on freed memory stays in this process. Blocks past glibc's mmap
     threshold (32 MiB at most, adapting) otherwise go back to the OS on free, so each training
     step's large activations fault in fresh zeroed pages (~6% of a CPU step here: docs/
-    results.md). Process-wide and lasting, like torch.set_num_threads; the cost is a somewhat
-    higher resident size. Returns whether it applied (False off glibc)."""
-    if not sys.platform.startswith("linux"):
+    results.md). Process-wide and lasting, like torch.set_num_threads; what is kept is bounded
+    by `bound_kept_memory`, which the loops call after each step. Returns whether it applied
+    (False off glibc)."""
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
     # no block by mmap; the heap's free top is kept (up to 2 GiB) instead of trimmed
-    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    kept = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    if kept:
+        _kept.clear()
+        _kept["on"] = 1
+    return kept
+
+
+def resident_bytes() -> int:
+    """This process's resident set size in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def bound_kept_memory() -> bool:
+    """After a step: the first call (once keep_freed_memory applied) sets the limit at
+    KEEP_SLACK x the resident size, the step's working set included. A call past the limit
+    hands freed memory back to the OS (malloc_trim), and the step after it, which allocates
+    its working set afresh, may raise the limit (a larger crop stage), never lower it.
+    Returns whether it trimmed."""
+    if not _kept:
+        return False
+    rss = resident_bytes()
+    if "limit" not in _kept or _kept.pop("rebase", 0):
+        _kept["limit"] = max(_kept.get("limit", 0), int(rss * KEEP_SLACK))
+        return False
+    libc = _libc()
+    if rss <= _kept["limit"] or libc is None:
+        return False
+    libc.malloc_trim(0)
+    _kept["rebase"] = 1
+    return True
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
