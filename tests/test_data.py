@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from googlenet.data.augment import Augment
-from googlenet.data.datasets import (
+from googlenet.data import (
     ARCHIVES,
     ArrayDataset,
     ImageFolderDataset,
@@ -32,6 +31,7 @@ from googlenet.data.datasets import (
     resolve_data_root,
     restricted_loads,
 )
+from googlenet.data.augment import Augment
 from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
 from googlenet.transforms import (

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.data.datasets import list_image_folder, load_image_folder, stratified_indices
+from googlenet.data import list_image_folder, load_image_folder, stratified_indices
 from googlenet.errors import UserError
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config

@@ -29,7 +29,6 @@ MAX_FUNCTION_LINES = 60
 # Still over the limits while "One house" lands, each to be split; the list only shrinks.
 PENDING_MODULES = {
     "googlenet.cli",
-    "googlenet.data.datasets",
     "googlenet.insight.explain",
     "googlenet.insight.report",
     "googlenet.training.engine",
@@ -44,7 +43,6 @@ PENDING_FUNCTIONS = {
 }
 PENDING_EDGES = {
     ("googlenet.training.engine", "googlenet.insight.report"),
-    ("googlenet.data.download", "googlenet.data.datasets"),  # a cycle until download merges in
 }
 
 

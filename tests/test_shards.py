@@ -155,7 +155,7 @@ def _samples(loader, size: int = 16) -> collections.Counter:
 
 
 def _loaders(tmp_path, split: str, **kw):
-    from googlenet.data.datasets import load_image_folder
+    from googlenet.data import load_image_folder
     from googlenet.data.loader import BatchLoader
     from googlenet.data.shards import ShardLoader, load_shards
     from googlenet.transforms import Preprocess

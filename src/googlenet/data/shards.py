@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from googlenet.data.datasets import MAX_BAD
+from googlenet.data.folders import MAX_BAD
 from googlenet.data.listing import list_folder
 from googlenet.data.loader import BatchLoader, mix_seed
 from googlenet.errors import UserError

@@ -103,7 +103,7 @@ def folder_batches(
     """Batches read from files; unreadable files go to `skipped`. With `prepare` each image is
     prepared as training prepares validation images (datasets.prepare_image: the same pixels),
     otherwise a photo folder mixes sizes and each group of batch_size files is split by size."""
-    from googlenet.data.datasets import prepare_image
+    from googlenet.data.folders import prepare_image
     from googlenet.transforms import read_image
 
     for i in range(0, len(samples), batch_size):
@@ -240,7 +240,8 @@ def evaluate(
 def recorded_val_set(meta: CheckpointMeta, cfg: dict[str, Any], data: str | Path | None) -> Any:
     """A CIFAR run's validation set rebuilt as training chose it (the test split or training
     images held out, each with its seeded limit); None for other data sets."""
-    from googlenet.data.datasets import hold_out, load_cifar, resolve_data_root, stratified_indices
+    from googlenet.data.arrays import hold_out, resolve_data_root, stratified_indices
+    from googlenet.data.cifar import load_cifar
 
     rec = meta.validation.data if meta.validation is not None else {}
     kind, name, seed = rec.get("dataset"), meta.dataset, int(rec.get("seed", 0))
@@ -279,7 +280,7 @@ def eval_batches(
     the test split of its data set (CIFAR under the data root `data`) or a folder of class
     sub-folders. `limit`: a seeded class-stratified sample. Skipped files and the files' paths
     go into kw."""
-    from googlenet.data.datasets import load_cifar, resolve_data_root, stratified_indices
+    from googlenet.data import load_cifar, resolve_data_root, stratified_indices
 
     kw = kw if kw is not None else {}
     val = first.meta.validation

@@ -49,7 +49,7 @@ from googlenet.checkpoint import (
     optimizer_state_to_tensors,
     save_checkpoint,
 )
-from googlenet.data.datasets import hold_out, stratified_indices
+from googlenet.data.arrays import hold_out, stratified_indices
 from googlenet.data.loader import BatchLoader
 from googlenet.devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from googlenet.errors import UserError, note
@@ -225,18 +225,18 @@ def _load_data(
     listed (the listing cached in the run folder `out`) and prepared when read: training ones
     as the working square (prepare.working()), validation ones exactly as `prepare` says, so
     validation and `googlenet evaluate` see the same pixels."""
-    from googlenet.data import datasets
+    from googlenet.data import arrays, cifar, folders
 
     if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
         from googlenet.data.shards import load_shards
 
-        shards = load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
+        shards = load_shards(data_root or cfg.data_root or arrays.resolve_data_root(None))
         return shards[0], shards[1], {"dataset": "shards"}
-    root = datasets.resolve_data_root(data_root or cfg.data_root or None)
+    root = arrays.resolve_data_root(data_root or cfg.data_root or None)
     if cfg.dataset in ("cifar10", "cifar100"):
         # download=True: a fresh machine fetches the official archive (MD5-checked).
-        train_set = datasets.load_cifar(root, cfg.dataset, "train", download=True)
-        val_set = datasets.load_cifar(root, cfg.dataset, "test")
+        train_set = cifar.load_cifar(root, cfg.dataset, "train", download=True)
+        val_set = cifar.load_cifar(root, cfg.dataset, "test")
         if cfg.limit_train:
             train_set = train_set.subset(
                 stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
@@ -250,11 +250,11 @@ def _load_data(
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not val_dir.is_dir():
         raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
-    train_set = datasets.load_image_folder(
+    train_set = folders.load_image_folder(
         root / "train", size=prepare.working(), limit=cfg.limit_train, seed=cfg.seed,
         draft=True, cache_dir=out, max_bad=cfg.max_bad_images,
     )  # fmt: skip
-    val_set = datasets.load_image_folder(
+    val_set = folders.load_image_folder(
         val_dir, size=prepare, classes=train_set.classes, limit=cfg.limit_val, seed=cfg.seed,
         cache_dir=out, max_bad=cfg.max_bad_images,
     )  # fmt: skip
@@ -603,7 +603,7 @@ def _setup_data(
     cfg: TrainConfig, out: Path, train_set: Any, val_set: Any, data_root: str | Path | None
 ) -> _Data:
     """Load (or take) the datasets, hold out / limit them as configured, check the labels."""
-    from googlenet.data.datasets import norm_stats
+    from googlenet.data.arrays import norm_stats
     from googlenet.model import get_spec
 
     # What validation feeds the model; recorded in every checkpoint as it is used.
@@ -698,8 +698,8 @@ def _make_loaders(
     cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
 ) -> tuple[Any, Any]:
     """The training loader (shuffled, augmented, whole batches) and the validation loader."""
+    from googlenet.data.arrays import ArrayDataset
     from googlenet.data.augment import Augment
-    from googlenet.data.datasets import ArrayDataset
 
     augment = Augment(
         crop_padding=cfg.crop_padding,
