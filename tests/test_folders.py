@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.data import list_image_folder, load_image_folder, stratified_indices
+from googlenet.data import list_image_folder, load_image_folder, map_classes, stratified_indices
 from googlenet.errors import UserError
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config
@@ -123,3 +123,31 @@ def test_cifar_slice_evaluate_reproduces_val_predictions(tmp_path, cifar_root):
     classes = result.classes
     assert [classes[p] for _, _, p, _ in result.predictions] == [r["predicted"] for r in val]
     assert [classes[t] for _, t, _, _ in result.predictions] == [r["true"] for r in val]
+
+
+def test_sub_folders_match_classes_ignoring_case_and_separators(tmp_path):
+    root = photo_folder(tmp_path, {"val": ["airplane", "bird"]}, 1)
+    (root / "val" / "airplane").rename(root / "val" / "Air-Plane")
+    (root / "val" / "bird").rename(root / "val" / "BIRD")
+    with pytest.warns(UserWarning, match="automobile"):
+        paths, labels, _ = list_image_folder(root / "val", ["air_plane", "automobile", "bird"])
+    assert [p.parent.name for p in paths] == ["Air-Plane", "BIRD"] and labels.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_two_sub_folders_of_one_class_name_are_an_error_naming_both(tmp_path, split):
+    root = photo_folder(tmp_path, {split: ["bird"]}, 1)
+    (root / split / "Bird").mkdir()
+    classes = None if split == "train" else ["airplane", "bird"]
+    with pytest.raises(UserError, match=r"'Bird' and 'bird' name the same class"):
+        load_image_folder(root / split, size=32, classes=classes)
+
+
+def test_an_imagenet_synset_folder_maps_in_sorted_order(tmp_path):
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    for s in synsets[:2]:
+        (tmp_path / s).mkdir()
+    names = [f"class {i}" for i in range(1000)]
+    assert map_classes(tmp_path, synsets, names) == list(range(1000))
+    with pytest.raises(UserError, match="n00000000, n00000001 are not training classes"):
+        map_classes(tmp_path, synsets[:2], names)

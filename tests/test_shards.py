@@ -124,6 +124,19 @@ def test_unreadable_images_are_skipped_and_counted_up_to_a_threshold(tmp_path):
     assert meta["splits"]["train"]["skipped"] == 1
 
 
+def test_val_sub_folders_map_onto_the_classes_by_the_one_rule(tmp_path):
+    """As training's val/ and evaluate: case, '_' and '-' ignored; two sub-folders of one
+    class name are an error naming both (before: 'CAT' was refused as no train class)."""
+    make_folder(tmp_path / "data", n_train=1, n_val=1)
+    (tmp_path / "data" / "val" / "cat").rename(tmp_path / "data" / "val" / "CAT")
+    write_shards(tmp_path / "data", tmp_path / "a", workers=1)
+    val = read_tar_samples(sorted((tmp_path / "a").glob("val-*.tar")))
+    assert sorted(int(s["cls"]) for s in val) == [0, 1, 2]
+    (tmp_path / "data" / "val" / "Dog").mkdir()
+    with pytest.raises(UserError, match=r"'Dog' and 'dog' name the same class"):
+        write_shards(tmp_path / "data", tmp_path / "b", workers=1)
+
+
 def test_cli_shards_and_refusals(tmp_path, capsys):
     make_folder(tmp_path / "data", n_train=2, n_val=1)
     out = tmp_path / "shards"

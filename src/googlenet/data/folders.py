@@ -152,23 +152,53 @@ class ImageFolderDataset:
         return ArrayDataset(images, self.labels[ok], self.classes, self.prepared)
 
 
+def class_key(name: str) -> str:
+    """A class name as sub-folders are matched to it: case, '_' and '-' ignored."""
+    return name.strip().lower().replace("_", " ").replace("-", " ")
+
+
+def _is_synset(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def _check_distinct(root: Path, subs: Sequence[str]) -> None:
+    """Two sub-folders whose names match one class name are an error naming both."""
+    seen: dict[str, str] = {}
+    for s in subs:
+        if class_key(s) in seen:
+            raise UserError(
+                f"{root}: sub-folders {seen[class_key(s)]!r} and {s!r} name the same class "
+                "(case, '_' and '-' are ignored)"
+            )
+        seen[class_key(s)] = s
+
+
+def _shown(names: Sequence[str], n: int = 10) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
 def map_classes(root: Path, subs: Sequence[str], classes: Sequence[str]) -> list[int]:
-    """The training class index of each sub-folder of root (val/ matched by name): a class
-    without a sub-folder is a warning naming it, a sub-folder that is no class an error."""
-    index = {c: i for i, c in enumerate(classes)}
-    extra = [s for s in subs if s not in index]
+    """The class index of each sub-folder of root (sorted names), matched by name with case, '_'
+    and '-' ignored; an ImageNet folder of 1000 synset ids (n01440764 ...) maps in sorted
+    order, the standard class order. The one rule for training's val/, shards and evaluate: a
+    sub-folder that is no class is an error, a class without a sub-folder a warning."""
+    _check_distinct(root, subs)
+    index = {class_key(c): i for i, c in enumerate(classes)}
+    found = [index.get(class_key(s)) for s in subs]
+    synsets = len(subs) == len(classes) == 1000 and all(_is_synset(s) for s in subs)
+    if synsets and all(i is None for i in found):
+        return list(range(len(subs)))
+    extra = [s for s, i in zip(subs, found, strict=True) if i is None]
     if extra:
         raise UserError(
-            f"{root}: sub-folder(s) {', '.join(extra)} are not training classes "
+            f"{root}: sub-folder(s) {_shown(extra)} are not training classes "
             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
         )
-    missing = [c for c in classes if c not in subs]
+    used = set(found)
+    missing = [c for i, c in enumerate(classes) if i not in used]
     if missing:
-        warnings.warn(
-            f"{root}: no images of class(es) {', '.join(missing)} (validated without them)",
-            stacklevel=3,
-        )
-    return [index[s] for s in subs]
+        warnings.warn(f"{root}: no images of class(es) {_shown(missing)}", stacklevel=3)
+    return [i for i in found if i is not None]
 
 
 def list_image_folder(
@@ -180,6 +210,7 @@ def list_image_folder(
     listing = list_folder(root, cache_dir)
     labels = torch.tensor(listing.labels, dtype=torch.int64)
     if classes is None:
+        _check_distinct(root, listing.classes)
         return listing.paths(), labels, list(listing.classes)
     remap = torch.tensor(map_classes(root, listing.classes, classes), dtype=torch.int64)
     return listing.paths(), remap[labels] if len(labels) else labels, list(classes)

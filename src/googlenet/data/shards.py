@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from googlenet.data.folders import MAX_BAD
+from googlenet.data.folders import MAX_BAD, map_classes
 from googlenet.data.listing import list_folder
 from googlenet.data.loader import BatchLoader, mix_seed
 from googlenet.errors import UserError
@@ -46,17 +46,11 @@ JPEG_QUALITY = 90
 
 
 def list_split(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """(file, class index) for every file under folder/<class>/, classes mapped by name."""
+    """(file, class index) for every file under folder/<class>/, classes mapped by name
+    (folders.map_classes, the rule training and evaluate use)."""
     listing = list_folder(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    for c in listing.classes:
-        if c not in index:
-            raise UserError(
-                f"{folder / c}: class {c!r} is not among the {len(classes)} train classes"
-            )
-    return [
-        (p, index[listing.classes[k]]) for p, k in zip(listing.paths(), listing.labels, strict=True)
-    ]
+    index = map_classes(folder, listing.classes, classes)
+    return [(p, index[k]) for p, k in zip(listing.paths(), listing.labels, strict=True)]
 
 
 # --- writing -----------------------------------------------------------------------------------
