@@ -151,3 +151,24 @@ def test_an_imagenet_synset_folder_maps_in_sorted_order(tmp_path):
     assert map_classes(tmp_path, synsets, names) == list(range(1000))
     with pytest.raises(UserError, match="n00000000, n00000001 are not training classes"):
         map_classes(tmp_path, synsets[:2], names)
+
+
+def test_evaluate_replays_a_folder_holdout_run_on_its_held_out_images(tmp_path, capsys):
+    """The held-out images are rebuilt by training's own functions from the recorded config
+    (before, evaluate refused: "cannot be rebuilt here")."""
+    root = photo_folder(tmp_path / "data", {"train": list(COLOURS), "val": list(COLOURS)}, 4)
+    run = tmp_path / "run"
+    args = ["train", "--quiet", "--data", str(root), "--out", str(run)]
+    for s in ("dataset=folder", "epochs=1", "batch_size=3", "aux_logits=false", "holdout=6"):
+        args += ["--set", s]
+    assert main(args) == 0
+    val = read_predictions(run / VAL_PREDICTIONS)
+    assert len(val) == 6
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    again = read_predictions(tmp_path / "eval" / "predictions.csv")
+    key = "path" if "path" in val[0] else "index"
+    assert [(r[key], r["true"], r["predicted"]) for r in again] == [
+        (r[key], r["true"], r["predicted"]) for r in val
+    ]
+    probs = np.array([[float(r["probability"]) for r in rows] for rows in (val, again)])
+    assert np.abs(probs[0] - probs[1]).max() < 1e-3

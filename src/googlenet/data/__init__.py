@@ -1,5 +1,7 @@
 """Data: CIFAR, image folders, shards, the batch loader and augmentation.
 
+- build: a run's data sets from its config (training), and its validation set rebuilt from a
+  checkpoint's record (evaluate, the report), by the same functions
 - arrays: ArrayDataset (in memory), the seeded stratified samples (limits, hold-out), the
   normalisation statistics, the data folder
 - cifar: CIFAR-10/100 in every official layout, and their download
@@ -24,6 +26,11 @@ _PUBLIC = {
         "googlenet.data.arrays",
     ),
     "Augment": "googlenet.data.augment",
+    **dict.fromkeys(
+        ["DataConfig", "Data", "setup_data", "load_data", "load_split", "hold_out_split",
+         "recorded_val_set", "eval_batches"],
+        "googlenet.data.build",
+    ),
     **dict.fromkeys(
         ["ARCHIVES", "Archive", "RestrictedUnpickler", "download_cifar", "load_cifar", "md5sum",
          "restricted_loads"],
