@@ -21,8 +21,8 @@ from typing import Any
 # Public name -> the module that defines it.
 _PUBLIC = {
     **dict.fromkeys(
-        ["DATA_ENV", "ArrayDataset", "hold_out", "norm_stats", "resolve_data_root",
-         "split_indices", "stratified_indices"],
+        ["DATA_ENV", "MAX_BAD", "ArrayDataset", "check_unreadable", "hold_out", "norm_stats",
+         "resolve_data_root", "split_indices", "stratified_indices"],
         "googlenet.data.arrays",
     ),
     "Augment": "googlenet.data.augment",
@@ -37,7 +37,7 @@ _PUBLIC = {
         "googlenet.data.cifar",
     ),
     **dict.fromkeys(
-        ["MAX_BAD", "ImageFolderDataset", "list_image_folder", "load_image_folder",
+        ["ImageFolderDataset", "list_image_folder", "load_image_folder",
          "map_classes", "prepare_image"],
         "googlenet.data.folders",
     ),

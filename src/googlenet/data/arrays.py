@@ -27,6 +27,7 @@ from googlenet.transforms import (
 )
 
 DATA_ENV = "GOOGLENET_DATA"
+MAX_BAD = 0.01  # the share of a data set that may be unreadable (config key max_bad_images)
 
 
 def resolve_data_root(path: str | Path | None) -> Path:
@@ -148,3 +149,15 @@ def split_indices(labels: torch.Tensor, fraction: float, seed: int, val: bool) -
         n_val = min(max(n_val, 1), len(members) - 1) if len(members) >= 2 else 0
         chosen.append(perm[:n_val] if val else perm[n_val:])
     return torch.cat(chosen).sort().values
+
+
+def check_unreadable(
+    where: Any, bad: Sequence[str], total: int, max_bad: float, what: str = "images"
+) -> None:
+    """The one "too many unreadable images" rule (image folders, writing shards, streaming
+    them): UserError once more than `max_bad` of `total` are unreadable, naming the first."""
+    if len(bad) > max_bad * total:
+        raise UserError(
+            f"{where}: {len(bad)} of {total} {what} are unreadable (more than {max_bad:.0%}), "
+            f"e.g. {bad[0]}"
+        )

@@ -137,9 +137,11 @@ def load_data(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(train set, validation set, what the validation set is) per cfg (load_split's)."""
     if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
-        from googlenet.data.shards import load_shards
+        from googlenet.data.shards import check_options, load_shards
 
-        shards = load_shards(data_root or cfg.data_root or resolve_data_root(None))
+        check_options(cfg.dataset, cfg.holdout, cfg.limit_train, cfg.limit_val)
+        base = data_root or cfg.data_root or resolve_data_root(None)
+        shards = load_shards(base, cfg.max_bad_images)
         return shards[0], shards[1], {"dataset": "shards"}
     root = resolve_data_root(data_root or cfg.data_root or None)
     # download=True: a fresh machine fetches the official archive (MD5-checked).

@@ -13,12 +13,17 @@ from typing import Any
 
 import torch
 
-from googlenet.data.arrays import ArrayDataset, split_indices, stratified_indices, subset_index
+from googlenet.data.arrays import (
+    MAX_BAD,
+    ArrayDataset,
+    check_unreadable,
+    split_indices,
+    stratified_indices,
+    subset_index,
+)
 from googlenet.data.listing import list_folder
 from googlenet.errors import UserError
 from googlenet.transforms import Preprocess, read_image
-
-MAX_BAD = 0.01  # the share of a data set that may be unreadable before training stops
 
 
 def _default_workers() -> int:
@@ -128,12 +133,8 @@ class ImageFolderDataset:
             if i not in self.bad:
                 self.bad[i] = err
                 warnings.warn(f"skipping {err}", stacklevel=2)
-        if len(self.bad) > self.max_bad * len(self):
-            where = self.root or (self.paths[0].parent.parent if self.paths else "image folder")
-            raise UserError(
-                f"{where}: {len(self.bad)} of {len(self)} images are unreadable (more than "
-                f"{self.max_bad:.0%}), e.g. {next(iter(self.bad.values()))}"
-            )
+        where = self.root or (self.paths[0].parent.parent if self.paths else "image folder")
+        check_unreadable(where, list(self.bad.values()), len(self), self.max_bad)
 
     def get_images(self, idx: torch.Tensor) -> torch.Tensor:
         """Every image at idx; UserError naming the first unreadable one."""
