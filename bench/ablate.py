@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from googlenet.data.datasets import load_cifar, resolve_data_root
+from googlenet.data import load_cifar, resolve_data_root
 from googlenet.training.config import resolve_config
 from googlenet.training.engine import train
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from googlenet.data import load_cifar
 from googlenet.data.augment import Augment
-from googlenet.data.datasets import load_cifar
 from googlenet.data.loader import BatchLoader
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 

@@ -20,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from googlenet.data.datasets import load_cifar, stratified_indices
+from googlenet.data import load_cifar, stratified_indices
 from googlenet.infer.evaluate import recorded_val_set
 from googlenet.infer.inference import load
 from googlenet.insight.explain import BRANCHES, BranchUsage, branch_energy

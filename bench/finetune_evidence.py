@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from googlenet.data.datasets import ArrayDataset, load_cifar
+from googlenet.data import ArrayDataset, load_cifar
 from googlenet.training.config import resolve_config
 from googlenet.training.engine import train
 
@@ -117,7 +117,7 @@ def stage_arm(args: argparse.Namespace) -> None:
     """One arm, in this process. The folder is read by load_image_folder at the 32-pixel input
     size (whole images, as issue 10 makes `train --data` do); the config is the one
     `googlenet train --recipe R --set ...` resolves."""
-    from googlenet.data.datasets import load_image_folder
+    from googlenet.data import load_image_folder
 
     recipe, overrides = arm_configs(args)[args.arm]
     cfg = resolve_config(recipe, overrides=[*overrides, f"out={args.work / args.arm}"])

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import encode, synthetic_photo
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.data.shards import write_shards
 from googlenet.training.config import resolve_config
 from googlenet.training.engine import train

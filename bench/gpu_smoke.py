@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.training.config import resolve_config
 from googlenet.training.engine import train
 

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def uploads(data: str | None, n: int) -> list[bytes]:
     if data:
-        from googlenet.data.datasets import load_cifar
+        from googlenet.data import load_cifar
 
         ds = load_cifar(data, "cifar10", "test")
         arrays = [ds.images[i].permute(1, 2, 0).numpy() for i in range(n)]

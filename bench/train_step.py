@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.errors import UserError
 from googlenet.model import build, get_spec
 from googlenet.summary import count_macs

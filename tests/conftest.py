@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from googlenet.checkpoint import CheckpointMeta, save_checkpoint
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.model import build
 from googlenet.transforms import Preprocess
 

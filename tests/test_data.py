@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from googlenet.data.augment import Augment
-from googlenet.data.datasets import (
+from googlenet.data import (
     ARCHIVES,
     ArrayDataset,
     ImageFolderDataset,
@@ -32,6 +31,7 @@ from googlenet.data.datasets import (
     resolve_data_root,
     restricted_loads,
 )
+from googlenet.data.augment import Augment
 from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
 from googlenet.transforms import (
@@ -598,3 +598,20 @@ def test_cli_download(tmp_path, served, monkeypatch, capsys):
     monkeypatch.setitem(ARCHIVES, "cifar10", replace(ARCHIVES["cifar10"], url=url, md5="1" * 32))
     assert main(["download", "--data", str(tmp_path / "e")]) == 2
     assert "MD5" in capsys.readouterr().err
+
+
+def test_data_config_takes_training_configs_and_recorded_dicts_alike():
+    """DataConfig (data/ does not import training/) keeps TrainConfig's names and defaults, so
+    a recorded config dict lacking newer keys means what the older run did."""
+    from dataclasses import fields
+
+    from googlenet.data.build import DataConfig
+    from googlenet.training.config import TrainConfig, resolve_config
+
+    defaults = TrainConfig()
+    for f in fields(DataConfig):
+        want = getattr(defaults, f.name)
+        assert getattr(DataConfig(), f.name) == (tuple(want) if isinstance(want, list) else want)
+    cfg = resolve_config(overrides=["holdout=40", "limit_val=7", "mean=[0.5,0.5,0.5]"])
+    assert DataConfig.of(cfg) == DataConfig.of(cfg.to_dict()) == DataConfig.of(DataConfig.of(cfg))
+    assert DataConfig.of(cfg).holdout == 40 and DataConfig.of({}).holdout == 0

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.errors import Note, UserError
 from googlenet.model import build
 from googlenet.torchvision_weights import convert_torchvision

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from googlenet.data import datasets
+from googlenet.data import folders, load_image_folder
 from googlenet.data.augment import Augment
-from googlenet.data.datasets import load_image_folder
 from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
 from googlenet.transforms import Preprocess
@@ -40,13 +39,13 @@ def _folder(root: Path, per_class: int, classes: int = 10) -> None:
 def decodes(monkeypatch):
     """Every file the folder data set decodes, in call order."""
     seen: list[Path] = []
-    real = datasets.prepare_image
+    real = folders.prepare_image
 
     def counting(path, *a, **k):
         seen.append(Path(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(datasets, "prepare_image", counting)
+    monkeypatch.setattr(folders, "prepare_image", counting)
     return seen
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from googlenet.cli import main
-from googlenet.data.datasets import list_image_folder, load_image_folder, stratified_indices
+from googlenet.data import list_image_folder, load_image_folder, map_classes, stratified_indices
 from googlenet.errors import UserError
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config
@@ -123,3 +123,52 @@ def test_cifar_slice_evaluate_reproduces_val_predictions(tmp_path, cifar_root):
     classes = result.classes
     assert [classes[p] for _, _, p, _ in result.predictions] == [r["predicted"] for r in val]
     assert [classes[t] for _, t, _, _ in result.predictions] == [r["true"] for r in val]
+
+
+def test_sub_folders_match_classes_ignoring_case_and_separators(tmp_path):
+    root = photo_folder(tmp_path, {"val": ["airplane", "bird"]}, 1)
+    (root / "val" / "airplane").rename(root / "val" / "Air-Plane")
+    (root / "val" / "bird").rename(root / "val" / "BIRD")
+    with pytest.warns(UserWarning, match="automobile"):
+        paths, labels, _ = list_image_folder(root / "val", ["air_plane", "automobile", "bird"])
+    assert [p.parent.name for p in paths] == ["Air-Plane", "BIRD"] and labels.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_two_sub_folders_of_one_class_name_are_an_error_naming_both(tmp_path, split):
+    root = photo_folder(tmp_path, {split: ["bird"]}, 1)
+    (root / split / "Bird").mkdir()
+    classes = None if split == "train" else ["airplane", "bird"]
+    with pytest.raises(UserError, match=r"'Bird' and 'bird' name the same class"):
+        load_image_folder(root / split, size=32, classes=classes)
+
+
+def test_an_imagenet_synset_folder_maps_in_sorted_order(tmp_path):
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    for s in synsets[:2]:
+        (tmp_path / s).mkdir()
+    names = [f"class {i}" for i in range(1000)]
+    assert map_classes(tmp_path, synsets, names) == list(range(1000))
+    with pytest.raises(UserError, match="n00000000, n00000001 are not training classes"):
+        map_classes(tmp_path, synsets[:2], names)
+
+
+def test_evaluate_replays_a_folder_holdout_run_on_its_held_out_images(tmp_path, capsys):
+    """The held-out images are rebuilt by training's own functions from the recorded config
+    (before, evaluate refused: "cannot be rebuilt here")."""
+    root = photo_folder(tmp_path / "data", {"train": list(COLOURS), "val": list(COLOURS)}, 4)
+    run = tmp_path / "run"
+    args = ["train", "--quiet", "--data", str(root), "--out", str(run)]
+    for s in ("dataset=folder", "epochs=1", "batch_size=3", "aux_logits=false", "holdout=6"):
+        args += ["--set", s]
+    assert main(args) == 0
+    val = read_predictions(run / VAL_PREDICTIONS)
+    assert len(val) == 6
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    again = read_predictions(tmp_path / "eval" / "predictions.csv")
+    key = "path" if "path" in val[0] else "index"
+    assert [(r[key], r["true"], r["predicted"]) for r in again] == [
+        (r[key], r["true"], r["predicted"]) for r in val
+    ]
+    probs = np.array([[float(r["probability"]) for r in rows] for rows in (val, again)])
+    assert np.abs(probs[0] - probs[1]).max() < 1e-3

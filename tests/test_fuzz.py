@@ -359,7 +359,7 @@ def write_cifar(root: Path, kind: str, test_bytes: bytes | None = None) -> Path:
 @FUZZ
 @given(data=st.data())
 def test_mutated_cifar_batches_load_or_fail_in_one_line(data, tmp_path):
-    from googlenet.data.datasets import load_cifar
+    from googlenet.data import load_cifar
 
     kind = data.draw(st.sampled_from(["bin", "py"]))
     valid = _cifar_bin(4, 0) if kind == "bin" else _cifar_py(4, 0)
@@ -401,7 +401,7 @@ ARCHIVE = _cifar_py_archive()
 @FUZZ
 @given(data=st.data())
 def test_mutated_cifar_archives_load_or_fail_in_one_line(data, tmp_path):
-    from googlenet.data.datasets import load_cifar
+    from googlenet.data import load_cifar
 
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
@@ -420,7 +420,7 @@ def test_mutated_cifar_archives_load_or_fail_in_one_line(data, tmp_path):
 def test_cifar_archive_with_a_huge_member_is_refused_without_reading_it(tmp_path):
     import tarfile
 
-    from googlenet.data.datasets import load_cifar
+    from googlenet.data import load_cifar
 
     folder = write_cifar(tmp_path / "src", "py")
     archive = tmp_path / "cifar-10-python.tar.gz"

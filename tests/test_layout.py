@@ -29,14 +29,12 @@ MAX_FUNCTION_LINES = 60
 # Still over the limits while "One house" lands, each to be split; the list only shrinks.
 PENDING_MODULES = {
     "googlenet.cli",
-    "googlenet.data.datasets",
     "googlenet.insight.explain",
     "googlenet.insight.report",
     "googlenet.training.engine",
 }
 PENDING_FUNCTIONS = {
     "googlenet.training.engine._setup",
-    "googlenet.data.shards.write_shards",
     "googlenet.training.config.TrainConfig.validate",
     "googlenet.serve.create_app",
     "googlenet.training.engine.validate",
@@ -44,7 +42,6 @@ PENDING_FUNCTIONS = {
 }
 PENDING_EDGES = {
     ("googlenet.training.engine", "googlenet.insight.report"),
-    ("googlenet.data.download", "googlenet.data.datasets"),  # a cycle until download merges in
 }
 
 

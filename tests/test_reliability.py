@@ -20,7 +20,7 @@ from PIL import Image
 from googlenet import checkpoint, files
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
-from googlenet.data.datasets import ArrayDataset
+from googlenet.data import ArrayDataset
 from googlenet.errors import UserError
 from googlenet.training import engine
 from googlenet.training.config import resolve_config
@@ -46,7 +46,7 @@ def trap_bytes(sentinel: Path) -> bytes:
 
 
 def test_booby_trapped_cifar_python_batches_are_refused(tmp_path):
-    from googlenet.data.datasets import load_cifar
+    from googlenet.data import load_cifar
 
     sentinel = tmp_path / "pwned"
     payload = trap_bytes(sentinel)

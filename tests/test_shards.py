@@ -124,6 +124,19 @@ def test_unreadable_images_are_skipped_and_counted_up_to_a_threshold(tmp_path):
     assert meta["splits"]["train"]["skipped"] == 1
 
 
+def test_val_sub_folders_map_onto_the_classes_by_the_one_rule(tmp_path):
+    """As training's val/ and evaluate: case, '_' and '-' ignored; two sub-folders of one
+    class name are an error naming both (before: 'CAT' was refused as no train class)."""
+    make_folder(tmp_path / "data", n_train=1, n_val=1)
+    (tmp_path / "data" / "val" / "cat").rename(tmp_path / "data" / "val" / "CAT")
+    write_shards(tmp_path / "data", tmp_path / "a", workers=1)
+    val = read_tar_samples(sorted((tmp_path / "a").glob("val-*.tar")))
+    assert sorted(int(s["cls"]) for s in val) == [0, 1, 2]
+    (tmp_path / "data" / "val" / "Dog").mkdir()
+    with pytest.raises(UserError, match=r"'Dog' and 'dog' name the same class"):
+        write_shards(tmp_path / "data", tmp_path / "b", workers=1)
+
+
 def test_cli_shards_and_refusals(tmp_path, capsys):
     make_folder(tmp_path / "data", n_train=2, n_val=1)
     out = tmp_path / "shards"
@@ -155,7 +168,7 @@ def _samples(loader, size: int = 16) -> collections.Counter:
 
 
 def _loaders(tmp_path, split: str, **kw):
-    from googlenet.data.datasets import load_image_folder
+    from googlenet.data import load_image_folder
     from googlenet.data.loader import BatchLoader
     from googlenet.data.shards import ShardLoader, load_shards
     from googlenet.transforms import Preprocess
@@ -226,3 +239,47 @@ def test_train_from_shards(tmp_path):
     result = train(cfg, data_root=str(tmp_path / "shards"), progress=False)
     assert result.history[0]["epoch"] == 1 and 0 <= result.metrics["val_acc"] <= 100
     assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+@pytest.mark.parametrize("setting", ["holdout=4", "limit_train=8", "limit_val=2"])
+def test_holdout_and_limits_on_shards_are_refused_in_one_line(tmp_path, capsys, setting):
+    """A stream has no seeded stratified sample to draw: refused by config validation, never
+    ignored (before: limits were silently ignored and holdout raised AttributeError)."""
+    from googlenet.data.build import DataConfig, load_data
+    from googlenet.training.config import resolve_config
+
+    key = setting.split("=")[0]
+    with pytest.raises(UserError, match=rf"'{key}': not available with dataset 'shards'"):
+        resolve_config(overrides=["dataset=shards", setting])
+    make_folder(tmp_path / "data", n_train=1, n_val=1)
+    write_shards(tmp_path / "data", tmp_path / "shards", workers=1)
+    args = ["train", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--set", "dataset=shards", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not available with dataset 'shards'" in err and len(err.splitlines()) == 1
+    # training's own data set-up refuses it too (a config that skipped validation)
+    cfg = DataConfig(dataset="shards", **{key: int(setting.split("=")[1])})
+    with pytest.raises(UserError, match=key):
+        load_data(cfg, tmp_path / "shards", None, tmp_path / "run")  # type: ignore[arg-type]
+
+
+def test_streamed_shards_honour_max_bad_images(tmp_path):
+    """The one rule (arrays.check_unreadable) with the config's share, not a fixed 1%."""
+    from googlenet.data.build import DataConfig, load_data
+    from googlenet.data.shards import ShardSet
+
+    make_folder(tmp_path / "data", n_train=4, n_val=2)  # 12 training samples
+    write_shards(tmp_path / "data", tmp_path / "shards", workers=1)
+    cfg = DataConfig(dataset="shards", max_bad_images=0.1)
+    train_set, val_set, _ = load_data(cfg, tmp_path / "shards", None, tmp_path)  # type: ignore[arg-type]
+    assert isinstance(train_set, ShardSet) and train_set.max_bad == val_set.max_bad == 0.1
+    with pytest.warns(UserWarning, match="one"):
+        train_set.note_bad(["one"])  # 1 of 12: under 10%
+    with (
+        pytest.raises(UserError, match=r"2 of 12 train samples are unreadable \(more than 10%\)"),
+        pytest.warns(UserWarning, match="two"),
+    ):
+        train_set.note_bad(["two"])
+    strict = load_data(DataConfig(dataset="shards"), tmp_path / "shards", None, tmp_path)[0]  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="1 of 12"), pytest.warns(UserWarning):
+        strict.note_bad(["one"])  # the default 1%

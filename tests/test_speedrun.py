@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from googlenet.checkpoint import load_checkpoint
+from googlenet.data import ArrayDataset
 from googlenet.data.augment import Augment
-from googlenet.data.datasets import ArrayDataset
 from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
 from googlenet.model import build
@@ -224,7 +224,7 @@ def test_alternate_flip_flips_each_image_once_in_two_epochs():
 
 
 def test_holdout_validates_on_training_images(tmp_path):
-    from googlenet.data.datasets import hold_out
+    from googlenet.data import hold_out
 
     data = synth(48, 0)
     rest, held = hold_out(data, 16, seed=0)

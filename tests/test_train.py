@@ -7,6 +7,7 @@ import torch
 
 from googlenet.checkpoint import load_checkpoint, load_model
 from googlenet.cli import main
+from googlenet.data import build
 from googlenet.errors import UserError
 from googlenet.training import engine
 from googlenet.training.config import resolve_config
@@ -247,7 +248,7 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
     (reporting only); other validation data (here: given sets) keeps the highest score."""
     if split:
         sets = (synth(32, 0), synth(16, 1), {"dataset": "cifar10", "split": split})
-        monkeypatch.setattr(engine, "_load_data", lambda *a, **k: sets)
+        monkeypatch.setattr(build, "load_data", lambda *a, **k: sets)
     falling = iter([60.0, 50.0, 40.0])
     real = engine.validate
 

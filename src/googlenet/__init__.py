@@ -56,8 +56,8 @@ _LAZY = {
 # `googlenet.evaluate` is the module, as before; its function is `googlenet.evaluate.evaluate`.)
 MOVED = {
     "augment": "googlenet.data.augment",
-    "datasets": "googlenet.data.datasets",
-    "download": "googlenet.data.download",
+    "datasets": "googlenet.data",
+    "download": "googlenet.data.cifar",
     "listing": "googlenet.data.listing",
     "loader": "googlenet.data.loader",
     "shards": "googlenet.data.shards",

@@ -66,8 +66,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from googlenet.data.datasets import resolve_data_root
-    from googlenet.data.download import download_cifar
+    from googlenet.data.arrays import resolve_data_root
+    from googlenet.data.cifar import download_cifar
 
     folder = download_cifar(resolve_data_root(args.data), args.dataset)
     print(f"{args.dataset}: {folder}")

@@ -11,11 +11,13 @@ shard holds a mix of classes: a streaming reader only shuffles within a buffer.
 
 `classes.json` is written last and names every shard with its sample count; a folder without it
 is an unfinished write. Unreadable images are skipped with a warning naming the file, counted in
-classes.json, and the write fails only when more than `max_bad` (1%) of a split is unreadable.
+classes.json, and the write fails only when more than `max_bad` (1%) of a split is unreadable
+(arrays.check_unreadable, the rule every data set follows).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -30,10 +32,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from googlenet.data.datasets import MAX_BAD
+from googlenet.data.arrays import MAX_BAD, check_unreadable
+from googlenet.data.folders import map_classes
 from googlenet.data.listing import list_folder
 from googlenet.data.loader import BatchLoader, mix_seed
 from googlenet.errors import UserError
+from googlenet.files import atomic_write_text
 from googlenet.transforms import _to_rgb, read_image_resized
 
 SPLITS = ("train", "val")
@@ -46,17 +50,11 @@ JPEG_QUALITY = 90
 
 
 def list_split(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """(file, class index) for every file under folder/<class>/, classes mapped by name."""
+    """(file, class index) for every file under folder/<class>/, classes mapped by name
+    (folders.map_classes, the rule training and evaluate use)."""
     listing = list_folder(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    for c in listing.classes:
-        if c not in index:
-            raise UserError(
-                f"{folder / c}: class {c!r} is not among the {len(classes)} train classes"
-            )
-    return [
-        (p, index[listing.classes[k]]) for p, k in zip(listing.paths(), listing.labels, strict=True)
-    ]
+    index = map_classes(folder, listing.classes, classes)
+    return [(p, index[k]) for p, k in zip(listing.paths(), listing.labels, strict=True)]
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -165,8 +163,6 @@ def write_shards(
 ) -> ShardReport:
     """Shards of root/train and root/val (one sub-folder per class) in `out`; see the module
     docstring. Classes are train's sub-folder names, sorted; val is mapped onto them by name."""
-    import webdataset as wds
-
     root, out = Path(root), Path(out)
     if max_side is not None and max_side < 16:
         raise UserError(f"--max-side must be >= 16 pixels, got {max_side}")
@@ -184,41 +180,10 @@ def write_shards(
         items = list_split(root / split, classes)
         if split == "train":  # mixed classes in every shard
             random.Random(seed).shuffle(items)
-        rep = SplitReport()
-        reports[split] = rep
-        limit = int(max_bad * len(items))
-        writer = wds.ShardWriter(
-            str(out / f"{split}-%06d.tar"),
-            maxcount=10**9,
-            maxsize=shard_size_mb * 1e6,
-            verbose=0,
-        )
-        try:
-            paths = [p for p, _ in items]
-            results = _ordered_map(_prepare_chunk, paths, max_side, workers)
-            for i, ((_, label), res) in enumerate(zip(items, results, strict=True)):
-                if isinstance(res, str):
-                    rep.skipped.append(res)
-                    warnings.warn(f"skipping {res}", stacklevel=2)
-                    if len(rep.skipped) > limit:
-                        raise UserError(
-                            f"{root / split}: {len(rep.skipped)} of {len(items)} images are "
-                            f"unreadable (more than {max_bad:.0%}), e.g. {rep.skipped[0]}"
-                        )
-                    continue
-                ext, data, reencoded = res
-                writer.write({"__key__": f"{rep.samples:09d}", ext: data, "cls": str(label)})
-                name = Path(writer.fname).name
-                rep.shards[name] = rep.shards.get(name, 0) + 1
-                rep.samples += 1
-                rep.bytes += len(data)
-                rep.reencoded += reencoded
-                if progress is not None and (i + 1) % 1000 == 0:
-                    progress(split, i + 1, len(items))
-        finally:
-            writer.close()
-        if rep.samples == 0 and items:
-            raise UserError(f"{root / split}: no readable images")
+        pattern = str(out / f"{split}-%06d.tar")
+        tick = functools.partial(progress, split) if progress is not None else None
+        reports[split] = _write_split(items, pattern, root / split, max_side, shard_size_mb,
+                                      workers, max_bad, tick)  # fmt: skip
     manifest = {
         "format": FORMAT,
         "classes": classes,
@@ -228,10 +193,42 @@ def write_shards(
             for s, r in reports.items()
         },
     }
-    from googlenet.files import atomic_write_text
-
     atomic_write_text(out / CLASSES_FILE, json.dumps(manifest, indent=1) + "\n")
     return ShardReport(out, classes, reports)
+
+
+def _write_split(
+    items: list[tuple[Path, int]], pattern: str, where: Path, max_side: int | None,
+    shard_size_mb: float, workers: int, max_bad: float, progress: Callable[[int, int], Any] | None,
+) -> SplitReport:  # fmt: skip
+    """One split's (file, label) items into shards named by `pattern`, in order; unreadable
+    files skipped (warned, counted) up to max_bad of them."""
+    import webdataset as wds
+
+    rep = SplitReport()
+    writer = wds.ShardWriter(pattern, maxcount=10**9, maxsize=shard_size_mb * 1e6, verbose=0)
+    try:
+        results = _ordered_map(_prepare_chunk, [p for p, _ in items], max_side, workers)
+        for i, ((_, label), res) in enumerate(zip(items, results, strict=True)):
+            if isinstance(res, str):
+                rep.skipped.append(res)
+                warnings.warn(f"skipping {res}", stacklevel=3)
+                check_unreadable(where, rep.skipped, len(items), max_bad)
+                continue
+            ext, data, reencoded = res
+            writer.write({"__key__": f"{rep.samples:09d}", ext: data, "cls": str(label)})
+            name = Path(writer.fname).name
+            rep.shards[name] = rep.shards.get(name, 0) + 1
+            rep.samples += 1
+            rep.bytes += len(data)
+            rep.reencoded += reencoded
+            if progress is not None and (i + 1) % 1000 == 0:
+                progress(i + 1, len(items))
+    finally:
+        writer.close()
+    if rep.samples == 0 and items:
+        raise UserError(f"{where}: no readable images")
+    return rep
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -292,40 +289,52 @@ def read_index(base: str | Path) -> ShardIndex:
 
 class ShardSet:
     """One split of a shard folder, standing in for a data set: len, classes, the shard URLs
-    and their sample counts. `subset(n)` caps the samples read per epoch (limit_train/_val)."""
+    and their sample counts. It is read as a stream, whole: classes.json knows no sample's
+    label, so there is no seeded stratified subset of it (check_options)."""
 
-    def __init__(self, index: ShardIndex, split: str, limit: int = 0) -> None:
-        self.index, self.split, self.limit = index, split, limit
+    def __init__(self, index: ShardIndex, split: str, max_bad: float = MAX_BAD) -> None:
+        self.index, self.split, self.max_bad = index, split, max_bad
         self.classes = index.classes
         self.urls = index.urls(split)
         self.counts = list(index.splits[split]["shards"].values())  # samples per shard
         self.bad: list[str] = []  # unreadable samples met so far (messages)
 
     def __len__(self) -> int:
-        n = self.index.samples(self.split)
-        return min(n, self.limit) if self.limit else n
-
-    def subset(self, n: int) -> ShardSet:
-        if not isinstance(n, int) or n < 0:
-            raise UserError(f"a shard data set can only be limited to its first n samples, got {n}")
-        return ShardSet(self.index, self.split, n)
+        return self.index.samples(self.split)
 
     def note_bad(self, errors: Sequence[str]) -> None:
-        """Warn about unreadable samples; UserError once more than MAX_BAD of the split is."""
+        """Warn about unreadable samples; UserError once more than max_bad of the split is."""
         for e in errors:
             warnings.warn(f"skipping {e}", stacklevel=2)
         self.bad += errors
-        if len(self.bad) > MAX_BAD * len(self):
-            raise UserError(
-                f"{self.index.base}: {len(self.bad)} of {len(self)} {self.split} samples are "
-                f"unreadable (more than {MAX_BAD:.0%}), e.g. {self.bad[0]}"
-            )
+        check_unreadable(
+            self.index.base, self.bad, len(self), self.max_bad, f"{self.split} samples"
+        )
 
 
-def load_shards(base: str | Path) -> tuple[ShardSet, ShardSet]:
-    """(train, val) of a shard folder or URL written by `googlenet shards`."""
+def load_shards(base: str | Path, max_bad: float = MAX_BAD) -> tuple[ShardSet, ShardSet]:
+    """(train, val) of a shard folder or URL written by `googlenet shards`; more than max_bad
+    (config max_bad_images) of a split unreadable stops the run."""
     index = read_index(base)
-    return ShardSet(index, "train"), ShardSet(index, "val")
+    return ShardSet(index, "train", max_bad), ShardSet(index, "val", max_bad)
+
+
+def check_options(dataset: str, holdout: int, limit_train: int, limit_val: int) -> None:
+    """Shards are streamed and their index counts samples per shard, not per class: holdout and
+    the limits (seeded, stratified samples) cannot be drawn from them, so they are refused, not
+    ignored (config validation and training both call this)."""
+    if dataset != "shards":
+        return
+    for key, value in (
+        ("holdout", holdout),
+        ("limit_train", limit_train),
+        ("limit_val", limit_val),
+    ):
+        if value:
+            raise UserError(
+                f"config key {key!r}: not available with dataset 'shards' (a stream has no "
+                "seeded stratified sample); train from the image folder, or shard a smaller one"
+            )
 
 
 class ShardLoader(BatchLoader):
@@ -339,8 +348,8 @@ class ShardLoader(BatchLoader):
     step. With one rank and one stream an epoch is each sample once (plus nothing, when the
     batch divides the samples). Evaluation: one pass, each sample exactly once over all ranks.
     Everything is a function of (seed, epoch, rank, worker): the same run repeats exactly with
-    the same number of ranks and workers. An unreadable image is skipped and counted (errors
-    past 1%); an unreadable shard stops the run naming it.
+    the same number of ranks and workers. An unreadable image is skipped and counted (an error
+    past the set's max_bad); an unreadable shard stops the run naming it.
     """
 
     def __init__(
@@ -393,15 +402,10 @@ class ShardLoader(BatchLoader):
             batches = stream
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
         steps = len(self) if self.shuffle else None
-        seen, n = 0, 0
-        limit = len(ds) if ds.limit else None
+        n = 0
         for images, labels, bad in batches:
             if bad:
                 ds.note_bad(bad)
-            if limit is not None and not self.shuffle:  # limit_val: the first samples only
-                keep = max(0, min(len(labels), limit // self.world_size - seen))
-                images, labels = images[:keep], labels[:keep]
-            seen += len(labels)
             if len(labels):
                 yield self.transform(images, g, size=self.side(n)), labels.to(self.device)
                 n += 1

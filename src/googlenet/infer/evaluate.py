@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from googlenet.checkpoint import CheckpointMeta, load_model
+from googlenet.data.build import Batch, eval_batches
+from googlenet.data.build import array_batches as array_batches  # its old home (tests, bench)
+from googlenet.data.build import recorded_val_set as recorded_val_set
 from googlenet.devices import make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
 from googlenet.metrics import EvalResult, Metrics, write_predictions
@@ -24,8 +25,6 @@ from googlenet.transforms import (
     Preprocess,
 )
 from googlenet.tta import INPUT_MODES, TTA_MODES, ensemble_probs
-
-Batch = tuple[Tensor, Tensor, list[int]]  # uint8 images, labels, their sample indices
 
 
 def evaluate_batches(
@@ -48,85 +47,6 @@ def evaluate_batches(
     result = acc.result(classes, tta=mode, **result_kw)
     result.predictions = sorted(rows)
     return result
-
-
-# --- data sources ---------------------------------------------------------------------------
-
-
-def _norm_name(name: str) -> str:
-    return name.strip().lower().replace("_", " ").replace("-", " ")
-
-
-def folder_classes(root: Path, classes: list[str], dataset: str | None) -> dict[str, int]:
-    """Sub-folder name -> class index, matched by name (case, '_' and '-' ignored). An ImageNet
-    folder of 1000 synset ids (n01440764 ...) maps in sorted order, the standard class order."""
-    subs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subs:
-        raise UserError(f"{root}: no class sub-folders to evaluate on")
-    index = {_norm_name(c): i for i, c in enumerate(classes)}
-    mapping = {s: index[_norm_name(s)] for s in subs if _norm_name(s) in index}
-    synsets = all(len(s) == 9 and s[0] == "n" and s[1:].isdigit() for s in subs)
-    if not mapping and synsets and len(subs) == len(classes) == 1000:
-        return {s: i for i, s in enumerate(subs)}
-    unknown = [s for s in subs if s not in mapping]
-    if unknown:
-        shown = ", ".join(unknown[:8]) + (
-            f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
-        )
-        raise UserError(f"{root}: sub-folders match no checkpoint class: {shown}")
-    return mapping
-
-
-def folder_samples(root: Path, mapping: dict[str, int]) -> list[tuple[Path, int]]:
-    """(file, label) for every file under the mapped sub-folders, in the order training lists
-    a folder (sub-folders sorted, files sorted)."""
-    from googlenet.data.listing import list_folder
-
-    listing = list_folder(root)  # the order training lists a folder in
-    paths = listing.paths()
-    samples = [
-        (paths[i], mapping[listing.classes[k]])
-        for i, k in enumerate(listing.labels)
-        if listing.classes[k] in mapping
-    ]
-    if not samples:
-        raise UserError(f"{root}: the class sub-folders hold no files")
-    return samples
-
-
-def folder_batches(
-    samples: Sequence[tuple[Path, int]],
-    batch_size: int,
-    skipped: list[str],
-    prepare: Preprocess | None = None,
-) -> Iterator[Batch]:
-    """Batches read from files; unreadable files go to `skipped`. With `prepare` each image is
-    prepared as training prepares validation images (datasets.prepare_image: the same pixels),
-    otherwise a photo folder mixes sizes and each group of batch_size files is split by size."""
-    from googlenet.data.datasets import prepare_image
-    from googlenet.transforms import read_image
-
-    for i in range(0, len(samples), batch_size):
-        groups: dict[tuple[int, int], tuple[list[Tensor], list[int], list[int]]] = {}
-        for j, (path, label) in enumerate(samples[i : i + batch_size], start=i):
-            try:
-                img = prepare_image(path, prepare) if prepare else read_image(path)
-            except (UserError, OSError, ValueError) as e:
-                skipped.append(str(e) if str(path) in str(e) else f"{path}: {e}")
-                print(f"googlenet evaluate: skipped {skipped[-1]}", file=sys.stderr)
-                continue
-            imgs, labels, ids = groups.setdefault(tuple(img.shape[-2:]), ([], [], []))
-            imgs.append(img)
-            labels.append(label)
-            ids.append(j)
-        for imgs, labels, ids in groups.values():
-            yield torch.stack(imgs), torch.tensor(labels), ids
-
-
-def array_batches(images: Tensor, labels: Tensor, batch_size: int) -> Iterator[Batch]:
-    for i in range(0, images.shape[0], batch_size):
-        n = min(batch_size, images.shape[0] - i)
-        yield images[i : i + n], labels[i : i + n], list(range(i, i + n))
 
 
 # --- the whole evaluation -------------------------------------------------------------------
@@ -235,103 +155,6 @@ def evaluate(
         return evaluate_batches(runners, counted(batches), first.classes, tta, max_crops, **kw)
     finally:
         bar.close()
-
-
-def recorded_val_set(meta: CheckpointMeta, cfg: dict[str, Any], data: str | Path | None) -> Any:
-    """A CIFAR run's validation set rebuilt as training chose it (the test split or training
-    images held out, each with its seeded limit); None for other data sets."""
-    from googlenet.data.datasets import hold_out, load_cifar, resolve_data_root, stratified_indices
-
-    rec = meta.validation.data if meta.validation is not None else {}
-    kind, name, seed = rec.get("dataset"), meta.dataset, int(rec.get("seed", 0))
-    if name not in ("cifar10", "cifar100") or kind not in (name, "holdout"):
-        return None
-    named = data or rec.get("root") or cfg.get("data_root")
-    if kind == "holdout" and not named:  # held out from arrays handed to train()
-        return None
-    root = resolve_data_root(named or None)
-    if kind == name:
-        ds = load_cifar(root, name, rec.get("split", "test"))
-        limit = int(rec.get("limit") or 0)
-        return ds.subset(stratified_indices(ds.labels, limit, seed)) if limit else ds
-    # as engine._setup: limit_train (on loading), then the held-out part, then limit_val
-    ds = load_cifar(root, name, "train")
-    if cfg.get("limit_train"):
-        ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_train"]), seed))
-    ds = hold_out(ds, int(rec["holdout"]), seed)[1]
-    if cfg.get("limit_val"):
-        ds = ds.subset(stratified_indices(ds.labels, int(cfg["limit_val"]), seed))
-    return ds
-
-
-def eval_batches(
-    first: Member,
-    data: str | Path | None,
-    batch_size: int,
-    limit: int | None = None,
-    seed: int = 0,
-    kw: dict[str, Any] | None = None,
-    prepare: Preprocess | None = None,
-) -> tuple[Iterator[Batch], int, bool]:
-    """(uint8 images, labels, sample indices) batches, their number, and whether the images
-    come prepared by `prepare` (folders only): the recorded validation images of `first`'s run
-    when `data` is None and it recorded them (its held-out training images included), else
-    the test split of its data set (CIFAR under the data root `data`) or a folder of class
-    sub-folders. `limit`: a seeded class-stratified sample. Skipped files and the files' paths
-    go into kw."""
-    from googlenet.data.datasets import load_cifar, resolve_data_root, stratified_indices
-
-    kw = kw if kw is not None else {}
-    val = first.meta.validation
-    recorded = val.data if val is not None and data is None else {}
-    kind = recorded.get("dataset")
-    if kind == "holdout":  # replay the held-out training images, never the test split
-        ds = recorded_val_set(first.meta, first.meta.config, None)
-        if ds is None:
-            raise UserError(
-                f"{first.name}: validated on held-out {first.meta.dataset} training images, "
-                "which cannot be rebuilt here; give --data to evaluate on a data set"
-            )
-        return array_batches(ds.images, ds.labels, batch_size), len(ds), False
-    root = resolve_data_root(recorded.get("root") if recorded else data)
-    is_folder = kind == "folder" or (
-        kind is None
-        and data is not None
-        and root.is_dir()
-        and _has_class_folders(root, first.classes)
-    )
-    if not is_folder and first.meta.dataset in ("cifar10", "cifar100"):
-        ds = load_cifar(root, first.meta.dataset, "test")
-        if [_norm_name(c) for c in ds.classes] != [_norm_name(c) for c in first.classes]:
-            raise UserError(
-                f"{first.name}: classes {first.classes} differ from {first.meta.dataset}'s "
-                f"{ds.classes}"
-            )
-        if limit is not None:
-            ds = ds.subset(stratified_indices(ds.labels, limit, seed))
-        return array_batches(ds.images, ds.labels, batch_size), len(ds), False
-    if not root.is_dir():
-        raise UserError(
-            f"{root}: no such folder; for a {first.meta.dataset} checkpoint give "
-            "--data pointing at a folder of class sub-folders"
-        )
-    samples = folder_samples(root, folder_classes(root, first.classes, first.meta.dataset))
-    if limit is not None and limit < len(samples):
-        labels = torch.tensor([lbl for _, lbl in samples])
-        samples = [samples[i] for i in stratified_indices(labels, limit, seed).tolist()]
-    skipped: list[str] = []
-    kw["skipped"] = skipped
-    kw["paths"] = [str(p) for p, _ in samples]
-    batches = folder_batches(samples, batch_size, skipped, prepare)
-    return batches, len(samples), prepare is not None
-
-
-def _has_class_folders(root: Path, classes: list[str]) -> bool:
-    names = {_norm_name(c) for c in classes}
-    subs = [p.name for p in root.iterdir() if p.is_dir()]
-    return any(_norm_name(s) in names for s in subs) or (
-        len(subs) == len(classes) == 1000 and all(s.startswith("n") for s in subs)
-    )
 
 
 # --- reporting ------------------------------------------------------------------------------

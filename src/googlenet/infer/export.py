@@ -188,7 +188,8 @@ def _strict_fp32() -> Iterator[None]:
 def real_inputs(meta: CheckpointMeta, data: str | Path | None, n: int = 8) -> Tensor | None:
     """A few real test images, preprocessed as the checkpoint says (CIFAR test split when the
     checkpoint is a CIFAR one and the data is found), else None."""
-    from googlenet.data.datasets import load_cifar, resolve_data_root
+    from googlenet.data.arrays import resolve_data_root
+    from googlenet.data.cifar import load_cifar
 
     if meta.dataset not in ("cifar10", "cifar100"):
         return None

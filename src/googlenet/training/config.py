@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from googlenet.data.shards import check_options as check_shard_options
 from googlenet.errors import UserError, note
 
 DEFAULT_RECIPE = "cifar10-fast"
@@ -242,6 +243,7 @@ class TrainConfig:
             raise UserError(
                 "config key 'serve_weights': 'ema' needs weight averaging (ema or polyak = true)"
             )
+        check_shard_options(self.dataset, self.holdout, self.limit_train, self.limit_val)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,7 +49,10 @@ from googlenet.checkpoint import (
     optimizer_state_to_tensors,
     save_checkpoint,
 )
-from googlenet.data.datasets import hold_out, stratified_indices
+from googlenet.data.arrays import stratified_indices
+from googlenet.data.build import Data as _Data
+from googlenet.data.build import setup_data as _setup_data
+from googlenet.data.build import working_side
 from googlenet.data.loader import BatchLoader
 from googlenet.devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from googlenet.errors import UserError, note
@@ -78,7 +81,7 @@ from googlenet.training.optim import (
     total_steps,
     whiten_conv1,
 )
-from googlenet.transforms import Preprocess, working_size
+from googlenet.transforms import Preprocess
 
 
 class TrainingDiverged(UserError):
@@ -218,56 +221,6 @@ def _reseed(cfg: TrainConfig, epoch: int, rank: int) -> None:
     torch.manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**63))
 
 
-def _load_data(
-    cfg: TrainConfig, data_root: str | Path | None, prepare: Preprocess, out: Path
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(train set, validation set, what the validation set is) per cfg. Folder images are
-    listed (the listing cached in the run folder `out`) and prepared when read: training ones
-    as the working square (prepare.working()), validation ones exactly as `prepare` says, so
-    validation and `googlenet evaluate` see the same pixels."""
-    from googlenet.data import datasets
-
-    if cfg.dataset == "shards":  # a folder or a URL prefix holding classes.json
-        from googlenet.data.shards import load_shards
-
-        shards = load_shards(data_root or cfg.data_root or datasets.resolve_data_root(None))
-        return shards[0], shards[1], {"dataset": "shards"}
-    root = datasets.resolve_data_root(data_root or cfg.data_root or None)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        # download=True: a fresh machine fetches the official archive (MD5-checked).
-        train_set = datasets.load_cifar(root, cfg.dataset, "train", download=True)
-        val_set = datasets.load_cifar(root, cfg.dataset, "test")
-        if cfg.limit_train:
-            train_set = train_set.subset(
-                stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
-            )
-        if cfg.limit_val:
-            val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
-        record = {"dataset": cfg.dataset, "split": "test", "root": str(root.resolve())}
-        return train_set, val_set, record | {"limit": cfg.limit_val, "seed": cfg.seed}
-    if not (root / "train").is_dir():
-        raise UserError(f"{root}: dataset 'folder' expects train/ and val/ sub-folders")
-    val_dir = root / "val" if (root / "val").is_dir() else root / "test"
-    if not val_dir.is_dir():
-        raise UserError(f"{root}: dataset 'folder' expects a val/ (or test/) sub-folder")
-    train_set = datasets.load_image_folder(
-        root / "train", size=prepare.working(), limit=cfg.limit_train, seed=cfg.seed,
-        draft=True, cache_dir=out, max_bad=cfg.max_bad_images,
-    )  # fmt: skip
-    val_set = datasets.load_image_folder(
-        val_dir, size=prepare, classes=train_set.classes, limit=cfg.limit_val, seed=cfg.seed,
-        cache_dir=out, max_bad=cfg.max_bad_images,
-    )  # fmt: skip
-    record = {"dataset": "folder", "root": str(val_dir.resolve())}
-    return train_set, val_set, record | {"limit": cfg.limit_val, "seed": cfg.seed}
-
-
-def _working_side(cfg: TrainConfig, size: int) -> int:
-    """Folder/shard images are stored as this square before the input_size crop: `resize`,
-    else transforms.working_size (8/7 of the input, offsets composing exactly)."""
-    return cfg.resize or working_size(size)
-
-
 def loader_workers(cfg: TrainConfig) -> int:
     """Decoding processes per rank: `loader_workers`, or (-1) this rank's share of the CPU
     cores less one for the training process, between 1 and 16."""
@@ -277,25 +230,6 @@ def loader_workers(cfg: TrainConfig) -> int:
 
     per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(16, per_rank - 1))
-
-
-def _check_labels(cfg: TrainConfig, train_set: Any, val_set: Any) -> tuple[list[str], int]:
-    """(class names, num_classes), with num_classes checked against the data before any step."""
-    labels = getattr(train_set, "labels", None)  # streamed shards know only their classes
-    n_seen = int(labels.max()) + 1 if labels is not None and len(labels) else 0
-    classes = list(train_set.classes) or [str(i) for i in range(n_seen)]
-    num_classes = cfg.num_classes or len(classes)
-    if num_classes != len(classes) or n_seen > num_classes:
-        shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
-        raise UserError(
-            f"config key 'num_classes': {num_classes}, but the training data has "
-            f"{len(classes)} classes ({shown})"
-        )
-    val_labels = getattr(val_set, "labels", None)
-    if val_labels is not None and len(val_labels) and int(val_labels.max()) >= num_classes:
-        raise UserError(f"validation labels go up to {int(val_labels.max())}, "
-                        f"but there are {num_classes} classes")  # fmt: skip
-    return classes, num_classes
 
 
 def model_args(cfg: TrainConfig, num_classes: int, transform_input: bool = False) -> dict[str, Any]:
@@ -494,24 +428,6 @@ def _train(run: _Run) -> RunResult:
     )
 
 
-@dataclass
-class _Data:
-    """The datasets as training and validation see them, and how images become tensors."""
-
-    train_set: Any
-    val_set: Any
-    val_pp: Preprocess  # recorded in every checkpoint, as validation uses it
-    loader_pp: Preprocess  # what the loaders apply (less where images are stored prepared)
-    record: dict[str, Any]  # where the validation images come from (checkpoint metadata)
-    classes: list[str]
-    num_classes: int
-
-    @property
-    def size(self) -> int:
-        """The side validation feeds the model."""
-        return self.val_pp.input_size
-
-
 def _setup(
     cfg: TrainConfig,
     d: Dist,
@@ -599,55 +515,6 @@ def _setup(
     return run
 
 
-def _setup_data(
-    cfg: TrainConfig, out: Path, train_set: Any, val_set: Any, data_root: str | Path | None
-) -> _Data:
-    """Load (or take) the datasets, hold out / limit them as configured, check the labels."""
-    from googlenet.data.datasets import norm_stats
-    from googlenet.model import get_spec
-
-    # What validation feeds the model; recorded in every checkpoint as it is used.
-    size = cfg.input_size or get_spec(cfg.variant).input_size
-    mean, std = norm_stats(cfg.dataset)
-    mean, std = tuple(cfg.mean) or mean, tuple(cfg.std) or std  # e.g. from an init checkpoint
-    stored = cfg.dataset in ("folder", "shards")  # kept as working squares, not whole files
-    if stored and _working_side(cfg, size) < size:
-        raise UserError(f"config key 'resize': {cfg.resize} is below the input size {size}")
-    val_pp = Preprocess(size, mean, std, _working_side(cfg, size) if stored else size)
-    record: dict[str, Any] = {"dataset": "given"}
-    if train_set is None or val_set is None:
-        loaded = _load_data(cfg, data_root, val_pp, out)
-        train_set = train_set if train_set is not None else loaded[0]
-        val_set = val_set if val_set is not None else loaded[1]
-        record = loaded[2]
-    if cfg.holdout:  # validate on held-out training images, not the test set
-        train_set, val_set = hold_out(train_set, cfg.holdout, cfg.seed)
-        root = record.get("root")  # evaluate/report rebuild the split from it
-        record = {"dataset": "holdout", "holdout": cfg.holdout, "seed": cfg.seed}
-        record |= {"root": root} if root else {}
-    if train_set is not None and cfg.limit_train and record["dataset"] in ("given", "holdout"):
-        train_set = train_set.subset(
-            stratified_indices(train_set.labels, cfg.limit_train, cfg.seed)
-        )
-    if cfg.limit_val and record["dataset"] in ("given", "holdout"):
-        val_set = val_set.subset(stratified_indices(val_set.labels, cfg.limit_val, cfg.seed))
-    # Images stored already prepared (folders, shards) only need the crop and normalisation.
-    prepared = getattr(val_set, "prepared", None)
-    loader_pp = val_pp
-    if prepared is not None:
-        val_pp = Preprocess(size, mean, std, prepared.resize)
-        loader_pp = Preprocess(size, mean, std, None)
-    elif cfg.dataset == "shards":
-        loader_pp = Preprocess(size, mean, std, None)
-    if len(train_set) < cfg.batch_size:
-        raise UserError(
-            f"config key 'batch_size': {cfg.batch_size} is larger than the "
-            f"{len(train_set)} training images"
-        )
-    classes, num_classes = _check_labels(cfg, train_set, val_set)
-    return _Data(train_set, val_set, val_pp, loader_pp, record, classes, num_classes)
-
-
 def _setup_model(
     cfg: TrainConfig,
     d: Dist,
@@ -698,8 +565,8 @@ def _make_loaders(
     cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
 ) -> tuple[Any, Any]:
     """The training loader (shuffled, augmented, whole batches) and the validation loader."""
+    from googlenet.data.arrays import ArrayDataset
     from googlenet.data.augment import Augment
-    from googlenet.data.datasets import ArrayDataset
 
     augment = Augment(
         crop_padding=cfg.crop_padding,
@@ -716,7 +583,7 @@ def _make_loaders(
     if cfg.dataset == "shards" and not isinstance(data.train_set, ArrayDataset):
         from googlenet.data.shards import ShardLoader
 
-        loader_cls: Any = functools.partial(ShardLoader, size=_working_side(cfg, data.size))
+        loader_cls: Any = functools.partial(ShardLoader, size=working_side(cfg.resize, data.size))
     else:
         loader_cls = BatchLoader
     train_loader = loader_cls(
