@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import googlenet.insight as E
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.insight import explain as E
 from googlenet.model import Inception, build
 from tests.conftest import calibrate, make_checkpoint
 
@@ -255,3 +255,15 @@ def test_cli_explain_bad_input_is_one_line(tmp_path: Path, capsys):
     assert "unknown class 'cow'" in capsys.readouterr().err
     assert main(["explain", str(ckpt), str(img), "--out", out, "--ablate"]) == 2
     assert "--ablate needs --data" in capsys.readouterr().err
+
+
+def test_the_old_module_path_keeps_the_readme_functions():
+    import googlenet.explain as old
+
+    from googlenet.insight import branches, features
+    from googlenet.insight.gradcam import gradcam
+
+    assert old.branch_energy is branches.branch_energy and old.ablate is branches.ablate
+    assert old.gradcam is gradcam
+    assert old.filters_grid is features.filters_grid
+    assert old.visualise_feature is features.visualise_feature

@@ -181,18 +181,19 @@ def _install_error_handlers(app: Any, max_bytes: int) -> None:
 def _explain_extras(predictor: Any, x: Tensor, index: int) -> dict[str, Any]:
     """Grad-CAM for class `index` and the branch usage of one preprocessed image (run on the
     model's thread)."""
-    from googlenet.insight import explain as E
+    from googlenet.insight.branches import BRANCHES, branch_energy
+    from googlenet.insight.gradcam import DEFAULT_BLOCK, denormalize, gradcam
+    from googlenet.insight.plots import overlay, png_bytes
 
     model, pp = predictor.model, predictor.preprocess
-    cam = E.gradcam(model, x.unsqueeze(0), index)[0]
-    rgb = E.overlay(E.denormalize(x, pp.mean, pp.std), cam, min_side=224)
-    usage = E.branch_energy(model, x.unsqueeze(0))
+    cam = gradcam(model, x.unsqueeze(0), index)[0]
+    rgb = overlay(denormalize(x, pp.mean, pp.std), cam, min_side=224)
+    usage = branch_energy(model, x.unsqueeze(0))
     return {
-        "gradcam": "data:image/png;base64," + base64.b64encode(E.png_bytes(rgb)).decode("ascii"),
-        "gradcam_block": E.DEFAULT_BLOCK,
+        "gradcam": "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii"),
+        "gradcam_block": DEFAULT_BLOCK,
         "branch_usage": {
-            b: dict(zip(E.BRANCHES, map(float, s[0]), strict=True))
-            for b, s in usage.shares().items()
+            b: dict(zip(BRANCHES, map(float, s[0]), strict=True)) for b, s in usage.shares().items()
         },
     }
 

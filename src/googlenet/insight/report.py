@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 from googlenet.errors import UserError
+from googlenet.insight.branches import BRANCHES, branch_energy
+from googlenet.insight.features import filters_grid, visualise_feature
+from googlenet.insight.gradcam import DEFAULT_BLOCK, denormalize, gradcam
+from googlenet.insight.plots import as_rgb_array, features_png, overlay, png_bytes, upscale
 
 if TYPE_CHECKING:
     from googlenet.checkpoint import CheckpointMeta
@@ -131,11 +135,9 @@ def _val_images(keys: list[str], labels: list[int], val_set: Any, size: int) -> 
 def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> str:
     """Images (3 x H x W, 0..1) as small PNGs with HTML captions, mistakes in red (PIL only:
     a matplotlib grid cost seconds)."""
-    from googlenet.insight.explain import _to_uint8, _upscale, png_bytes
-
     cells = []
     for img, caption, ok in tiles:
-        pic = _img(png_bytes(_to_uint8(_upscale(img, min_side))), caption)
+        pic = _img(png_bytes(as_rgb_array(upscale(img, min_side))), caption)
         cls = "tile" if ok else "tile bad"
         cells.append(
             f"<figure class='{cls}'>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -145,8 +147,6 @@ def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> st
 
 def _bar(shares: Tensor) -> str:
     """A stacked horizontal bar of the four branch shares."""
-    from googlenet.insight.explain import BRANCHES
-
     spans = "".join(
         f"<span style='width:{100 * float(v):.2f}%;background:{c}' "
         f"title='{b} {100 * float(v):.1f}%'></span>"
@@ -304,21 +304,19 @@ def _mistakes_html(
     predictor: Predictor, xw: Tensor, wrong: list[ValPrediction], classes: list[str]
 ) -> str:
     """Grad-CAMs of the wrong predictions; `xw` their preprocessed images."""
-    from googlenet.insight import explain as E
-
-    cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
+    cams = gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
     cells = []
     for j, p in enumerate(wrong):
-        pic = E.denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
-        over = E.overlay(pic, cams[j], min_side=96)
+        pic = denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
+        over = overlay(pic, cams[j], min_side=96)
         cap = f"#{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
         cells.append(
-            f"<figure>{_img(E.png_bytes(over), cap)}"
+            f"<figure>{_img(png_bytes(over), cap)}"
             f"<figcaption>{html.escape(cap)}</figcaption></figure>"
         )
     return (
         "<h2>Most confident mistakes, with Grad-CAM</h2><p>Grad-CAM of the "
-        f"predicted class at {E.DEFAULT_BLOCK}: where the evidence for the wrong "
+        f"predicted class at {DEFAULT_BLOCK}: where the evidence for the wrong "
         "answer lies.</p><div class=row>" + "".join(cells) + "</div>"
     )
 
@@ -352,9 +350,7 @@ def _validation_sections(
 
 
 def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
-    from googlenet.insight import explain as E
-
-    usage = E.branch_energy(model.eval(), usage_x)
+    usage = branch_energy(model.eval(), usage_x)
     mean = usage.mean_shares()
     per_ch = usage.mean_shares(per_channel=True)
     table = [
@@ -365,10 +361,10 @@ def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
         for b in mean
     ]
     head = ["block", "energy", "per channel"]
-    head += [*E.BRANCHES, *(f"{k} /ch" for k in E.BRANCHES)]
+    head += [*BRANCHES, *(f"{k} /ch" for k in BRANCHES)]
     legend = " ".join(
         f"<span class=key style='background:{c}'></span>{b}"
-        for b, c in zip(E.BRANCHES, BRANCH_COLOURS, strict=True)
+        for b, c in zip(BRANCHES, BRANCH_COLOURS, strict=True)
     )
     return (
         "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
@@ -383,21 +379,17 @@ def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
 
 
 def _filters_html(model: torch.nn.Module) -> str:
-    from googlenet.insight import explain as E
-
     return "<h2>First-layer filters</h2>" + _img(
-        E.png_bytes(E.filters_grid(model)), "first-layer filters"
+        png_bytes(filters_grid(model)), "first-layer filters"
     )
 
 
 def _features_html(predictor: Predictor, features: str, channels: int) -> str:
-    from googlenet.insight import explain as E
-
     chans = list(range(channels))
     pp = predictor.preprocess
-    imgs = E.visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
+    imgs = visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
     return f"<h2>Feature visualisation: {html.escape(features)}</h2>" + _img(
-        E.features_png(imgs, features, chans), "feature visualisation"
+        features_png(imgs, features, chans), "feature visualisation"
     )
 
 
