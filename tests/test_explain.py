@@ -267,3 +267,29 @@ def test_the_old_module_path_keeps_the_readme_functions():
     assert old.gradcam is gradcam
     assert old.filters_grid is features.filters_grid
     assert old.visualise_feature is features.visualise_feature
+
+
+def test_explain_reads_and_runs_the_images_one_batch_at_a_time(tmp_path: Path, monkeypatch):
+    """Every forward pass (probabilities, branch usage, Grad-CAM) sees at most batch_size
+    images, and the first runs before the later images are read."""
+    import googlenet.transforms
+    from googlenet.infer.inference import load
+
+    predictor = load(make_checkpoint(tmp_path / "best.safetensors", input_size=16))
+    images = save_images(tmp_path / "photos", 5)
+    reads: list[Path] = []
+    forwards: list[tuple[int, int]] = []  # (images read so far, batch size)
+    read_image = googlenet.transforms.read_image
+
+    def counted(path, *a, **k):
+        reads.append(Path(path))
+        return read_image(path, *a, **k)
+
+    monkeypatch.setattr(googlenet.transforms, "read_image", counted)
+    predictor.model.register_forward_pre_hook(
+        lambda _m, args: forwards.append((len(reads), args[0].shape[0]))
+    )
+    written = E.explain_files(predictor, images, tmp_path / "out", E.ExplainOptions(batch_size=2))
+    assert max(size for _, size in forwards) <= 2
+    assert reads == images and forwards[0][0] <= 2
+    assert {p.name for p in written} >= {f"gradcam_img{i}.png" for i in range(5)}

@@ -73,63 +73,66 @@ def explain_files(
     predictor: Any, images: Sequence[str | Path], out: str | Path, opts: ExplainOptions
 ) -> list[Path]:
     """Write branch_usage.json/.png, gradcam_<stem>.png per image, filters.png (and
-    ablation.json/.png, features_<layer>.png when asked) into `out`; returns the paths."""
+    ablation.json/.png, features_<layer>.png when asked) into `out`; returns the paths in
+    that order. The images are read and explained `batch_size` at a time."""
     out = Path(out)
     model = predictor.model
-    files, x, target = _load_inputs(predictor, images, opts)
+    files, target = _check_request(predictor, images, opts)
     stems = stem_names(files)
-    _refuse_overwrite(out, stems, opts)
+    planned = _planned(stems, opts)
+    _refuse_overwrite(out, planned, opts)
     w = _Writer(out)
     model.eval()
-    usage = _image_usage(model, files, x, opts.batch_size)
+    usage = _explain_images(w, predictor, files, stems, target, opts)
     batches: list[tuple[Tensor, Tensor]] = []  # labelled --data images: the mean, ablation
     if opts.data is not None:
         batches = list(data_batches(predictor, opts.data, opts.limit, opts.batch_size))
     _write_branch_usage(w, model, usage, batches, files, opts)
     w.write("filters.png", png_bytes(filters_grid(model)))
-    if files:
-        _write_gradcams(w, predictor, files, stems, x, target, opts)
     if opts.ablate:
         _write_ablation(w, model, batches)
     if opts.features:
         _write_features(w, model, predictor.preprocess, opts.features, opts)
-    return w.written
+    written = set(w.written)
+    return [out / name for name in planned if out / name in written]
 
 
-def _load_inputs(
+def _check_request(
     predictor: Any, images: Sequence[str | Path], opts: ExplainOptions
-) -> tuple[list[Path], Tensor, int | None]:
-    """The image files, their normalised N x 3 x S x S batch and the Grad-CAM class (None:
-    each image's prediction); a bad request fails here, before any image is read."""
+) -> tuple[list[Path], int | None]:
+    """The image files and the Grad-CAM class (None: each image's prediction); a bad request
+    fails here, before any image is read."""
     from googlenet.infer.inference import iter_image_files
-    from googlenet.transforms import read_image
 
-    model, pp = predictor.model, predictor.preprocess
     files = [Path(p) for p in iter_image_files(images)]
     if not files and opts.data is None:
         raise UserError("no images to explain: give image files or folders, or --data")
     if opts.ablate and opts.data is None:
         raise UserError("--ablate needs --data (a labelled data set to measure accuracy on)")
+    if opts.batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {opts.batch_size}")
     target = class_index(predictor.classes, opts.target) if opts.target else None
-    resolve_layer(model, opts.block)  # fail early on a bad name
-    x = torch.empty(0, 3, pp.input_size, pp.input_size)
-    if files:
-        x = torch.stack([pp(read_image(f)) for f in files])
-    return files, x, target
+    resolve_layer(predictor.model, opts.block)  # fail early on a bad name
+    return files, target
 
 
 def _features_name(layer: str) -> str:
     return f"features_{layer.replace(':', '_')}.png"
 
 
-def _refuse_overwrite(out: Path, stems: Sequence[str], opts: ExplainOptions) -> None:
-    """Unless --force, fail before anything is written if a file this run writes exists."""
+def _planned(stems: Sequence[str], opts: ExplainOptions) -> list[str]:
+    """The files this run writes, in the order they are listed."""
     planned = ["branch_usage.json", "branch_usage.png", "filters.png"]
     planned += [f"gradcam_{s}.png" for s in stems]
     if opts.ablate:
         planned += ["ablation.json", "ablation.png"]
     if opts.features:
         planned.append(_features_name(opts.features))
+    return planned
+
+
+def _refuse_overwrite(out: Path, planned: Sequence[str], opts: ExplainOptions) -> None:
+    """Unless --force, fail before anything is written if a file this run writes exists."""
     if not opts.force:
         clash = [p for p in planned if (out / p).exists()]
         if clash:
@@ -154,13 +157,27 @@ class _Writer:
         self.written.append(path)
 
 
-def _image_usage(
-    model: nn.Module, files: Sequence[Path], x: Tensor, batch_size: int
+def _explain_images(
+    w: _Writer,
+    predictor: Any,
+    files: Sequence[Path],
+    stems: Sequence[str],
+    target: int | None,
+    opts: ExplainOptions,
 ) -> BranchUsage:
+    """Read the images batch by batch: branch usage and the probabilities from one forward
+    pass, then each image's Grad-CAM; returns the usage of them all."""
+    from googlenet import transforms
+
     usage = BranchUsage({}, {})
-    for i in range(0, len(files), batch_size):
-        names = [str(f) for f in files[i : i + batch_size]]
-        usage = usage.cat(branch_energy(model, x[i : i + batch_size], names))
+    for i in range(0, len(files), opts.batch_size):
+        chunk = files[i : i + opts.batch_size]
+        x = torch.stack([predictor.preprocess(transforms.read_image(f)) for f in chunk])
+        part = branch_energy(predictor.model, x, [str(f) for f in chunk])
+        assert part.outputs is not None  # an eval-mode network returns its logits
+        probs = torch.softmax(part.outputs, 1)
+        _write_gradcams(w, predictor, chunk, stems[i : i + len(chunk)], x, probs, target, opts)
+        usage = usage.cat(part)
     return usage
 
 
@@ -199,27 +216,23 @@ def _write_gradcams(
     files: Sequence[Path],
     stems: Sequence[str],
     x: Tensor,
+    probs: Tensor,
     target: int | None,
     opts: ExplainOptions,
 ) -> None:
-    """gradcam_<stem>.png per image, titled with the prediction and the class explained."""
+    """gradcam_<stem>.png per image of one batch, titled with the prediction and the class
+    explained."""
     model, pp, classes = predictor.model, predictor.preprocess, predictor.classes
-    with torch.no_grad():
-        probs = torch.softmax(model(x).float(), 1)
-    for i in range(0, len(files), opts.batch_size):
-        xb = x[i : i + opts.batch_size]
-        pb = probs[i : i + opts.batch_size]
-        tgt = pb.argmax(1) if target is None else torch.full((len(xb),), target)
-        cams = gradcam(model, xb, tgt, opts.block)
-        for j in range(len(xb)):
-            k = int(tgt[j])
-            title = (
-                f"{files[i + j].name}: predicted {classes[int(pb[j].argmax())]} "
-                f"{100 * float(pb[j].max()):.1f}%; Grad-CAM for {classes[k]} "
-                f"at {opts.block}"
-            )
-            image = denormalize(xb[j], pp.mean, pp.std)
-            w.write(f"gradcam_{stems[i + j]}.png", gradcam_png(image, cams[j], title))
+    tgt = probs.argmax(1) if target is None else torch.full((len(x),), target)
+    cams = gradcam(model, x, tgt, opts.block)
+    for j in range(len(x)):
+        k = int(tgt[j])
+        title = (
+            f"{files[j].name}: predicted {classes[int(probs[j].argmax())]} "
+            f"{100 * float(probs[j].max()):.1f}%; Grad-CAM for {classes[k]} at {opts.block}"
+        )
+        image = denormalize(x[j], pp.mean, pp.std)
+        w.write(f"gradcam_{stems[j]}.png", gradcam_png(image, cams[j], title))
 
 
 def _write_ablation(w: _Writer, model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
