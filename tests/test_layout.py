@@ -37,7 +37,6 @@ PENDING_FUNCTIONS = {
     "googlenet.training.engine._setup",
     "googlenet.data.shards.write_shards",
     "googlenet.training.config.TrainConfig.validate",
-    "googlenet.serve.create_app",
     "googlenet.training.engine.validate",
     "googlenet.infer.evaluate.evaluate",
 }
