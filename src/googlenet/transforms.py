@@ -141,8 +141,7 @@ def read_image_resized(
     im = decode_image(
         path if isinstance(path, bytes) else Path(path), name, size if draft else None
     )
-    square = Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size)
-    return square.pixels(_pil_to_tensor(im).unsqueeze(0))[0]
+    return Preprocess.square(size).pixels(_pil_to_tensor(im).unsqueeze(0))[0]
 
 
 # --- preprocessing ----------------------------------------------------------------------------
@@ -260,6 +259,12 @@ class Preprocess:
                 f"preprocess: resize {self.resize} is smaller than the {self.input_size}-pixel crop"
             )
 
+    @classmethod
+    def square(cls, side: int) -> Preprocess:
+        """Unnormalised: the side x side centre square of the image resized so its shorter side
+        is `side` (how images are stored and shown; pixels() gives it as uint8)."""
+        return cls(side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), side)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,
@@ -327,8 +332,7 @@ class Preprocess:
         """The preprocessing that keeps what this one crops from: a square of side `resize`
         (the whole resized image's centre), unnormalised; used to store images once so that
         this preprocessing (or random crops of input_size) can be applied later."""
-        side = self.resize or self.input_size
-        return Preprocess(side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), side)
+        return Preprocess.square(self.resize or self.input_size)
 
 
 def working_size(input_size: int) -> int:
