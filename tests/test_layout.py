@@ -38,7 +38,6 @@ PENDING_FUNCTIONS = {
     "googlenet.data.shards.write_shards",
     "googlenet.training.config.TrainConfig.validate",
     "googlenet.training.engine.validate",
-    "googlenet.infer.evaluate.evaluate",
 }
 PENDING_EDGES = {
     ("googlenet.training.engine", "googlenet.insight.report"),
