@@ -116,6 +116,23 @@ def test_report_reads_only_what_the_writer_writes(tmp_path: Path, capsys):
     assert "val_predictions.csv: columns" in capsys.readouterr().err
 
 
+def test_report_summary_and_confusion_name_the_recorded_tta(tmp_path: Path, monkeypatch):
+    import googlenet.infer.evaluate
+
+    titled: list[str] = []
+    confusion_png = googlenet.infer.evaluate.confusion_png
+
+    def watched(result):
+        titled.append(result.tta)
+        return confusion_png(result)
+
+    monkeypatch.setattr(googlenet.infer.evaluate, "confusion_png", watched)
+    text = write_report(make_run(tmp_path / "run", tta="flip")).read_text()
+    assert titled == ["flip"]  # the matrix of the flip-TTA predictions says so
+    assert "val top-1 with tta=flip (final)</td><td>58.25%" in text
+    assert "test-time augmentation: flip" in text
+
+
 # --- written at the end of training -------------------------------------------------------------
 
 

@@ -148,6 +148,11 @@ def _summary_html(
         ["best epoch", best.get("epoch", epoch)],
         ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
     ]
+    # The final validation's TTA score: its last log row (or the checkpoint's, without a log).
+    last = rows[-1] if rows else (meta.training.metrics if meta.training is not None else {})
+    if "val_tta_acc" in last:
+        tta = _recorded_tta(meta)
+        summary.append([f"val top-1 with tta={tta} (final)", f"{last['val_tta_acc']:.2f}%"])
     return "<h2>Summary</h2>" + table(summary)
 
 
@@ -190,8 +195,8 @@ def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: Checkp
     c = len(classes)
     labels, predicted = (torch.tensor([getattr(p, k) for p in preds]) for k in ("label", "pred"))
     cm = count_confusion(torch.zeros(c, c, dtype=torch.int64), labels, predicted)
-    result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
-    val_tta = _recorded_tta(meta)
+    val_tta = _recorded_tta(meta)  # the predictions were recorded under it: the title says so
+    result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())}, tta=val_tta)
     tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
     per_class = [
         [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
