@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from googlenet.data import load_cifar, stratified_indices
 from googlenet.infer.evaluate import recorded_val_set
 from googlenet.infer.inference import load
-from googlenet.insight.explain import BRANCHES, BranchUsage, branch_energy
+from googlenet.insight import BRANCHES, BranchUsage, branch_energy
 
 ZOOMS = (0.5, 0.75, 1.0, 1.5, 2.0)
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from googlenet.checkpoint import CheckpointMeta, save_checkpoint
+from googlenet.checkpoint import CheckpointMeta, Validation, save_checkpoint
 from googlenet.data import ArrayDataset
+from googlenet.metrics import VAL_PREDICTIONS, write_predictions
 from googlenet.model import build
 from googlenet.transforms import Preprocess
 
@@ -97,6 +98,7 @@ def make_checkpoint(
     variant: str = "cifar",
     input_size: int = 32,
     resize: int | None = None,
+    validation: Validation | None = None,
 ) -> Path:
     """A tiny checkpoint in the training schema: a randomly initialised model, aux off."""
     classes = classes or CLASSES
@@ -112,6 +114,7 @@ def make_checkpoint(
         ),
         dataset=dataset,
         provenance={"source": "test"},
+        validation=validation,
     )
     return save_checkpoint(path, {"model": model.state_dict()}, meta)
 
@@ -148,9 +151,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_run(folder: Path, n_val: int = 12) -> Path:
-    """A run folder as training leaves it: checkpoint, config, metrics, val predictions."""
-    make_checkpoint(folder / "best.safetensors", input_size=16)  # small: a fast test
+def make_run(folder: Path, n_val: int = 12, tta: str = "none") -> Path:
+    """A folder run as training leaves it: checkpoint, config, metrics, val predictions (under
+    test-time augmentation `tta`, as its final validation recorded)."""
+    validation = Validation(tta=tta) if tta != "none" else None
+    make_checkpoint(folder / "best.safetensors", input_size=16, validation=validation)
     (folder / "config.toml").write_text('recipe = "test"\nvariant = "cifar"\nepochs = 2\n')
     rows = [
         {
@@ -167,14 +172,21 @@ def make_run(folder: Path, n_val: int = 12) -> Path:
         }
         for e in (1, 2)
     ]
+    if tta != "none":
+        rows[-1] |= {"val_tta_acc": 58.25, "val_tta_acc5": 100.0, "val_tta_s": 1.0}
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = ["path,label,pred,prob"]
     rng = np.random.default_rng(0)
+    paths, true, pred, prob = [], [], [], []
     for i in range(n_val):
         p = folder / "val" / f"v{i}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(p)
-        label, pred = i % 3, (i % 3 if i % 4 else (i + 1) % 3)  # every 4th is a mistake
-        lines.append(f"{p},{CLASSES[label]},{CLASSES[pred]},{0.5 + i / 100:.4f}")
-    (folder / "val_predictions.csv").write_text("\n".join(lines) + "\n")
+        paths.append(str(p))
+        true.append(i % 3)
+        pred.append(i % 3 if i % 4 else (i + 1) % 3)  # every 4th is a mistake
+        prob.append(0.5 + i / 100)
+    # as training writes it for a folder run: sample index, file, class names, probability
+    write_predictions(
+        folder / VAL_PREDICTIONS, list(range(n_val)), paths, true, pred, prob, CLASSES
+    )
     return folder

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import googlenet.insight as E
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.insight import explain as E
 from googlenet.model import Inception, build
 from tests.conftest import calibrate, make_checkpoint
 
@@ -255,3 +255,41 @@ def test_cli_explain_bad_input_is_one_line(tmp_path: Path, capsys):
     assert "unknown class 'cow'" in capsys.readouterr().err
     assert main(["explain", str(ckpt), str(img), "--out", out, "--ablate"]) == 2
     assert "--ablate needs --data" in capsys.readouterr().err
+
+
+def test_the_old_module_path_keeps_the_readme_functions():
+    import googlenet.explain as old
+
+    from googlenet.insight import branches, features
+    from googlenet.insight.gradcam import gradcam
+
+    assert old.branch_energy is branches.branch_energy and old.ablate is branches.ablate
+    assert old.gradcam is gradcam
+    assert old.filters_grid is features.filters_grid
+    assert old.visualise_feature is features.visualise_feature
+
+
+def test_explain_reads_and_runs_the_images_one_batch_at_a_time(tmp_path: Path, monkeypatch):
+    """Every forward pass (probabilities, branch usage, Grad-CAM) sees at most batch_size
+    images, and the first runs before the later images are read."""
+    import googlenet.transforms
+    from googlenet.infer.inference import load
+
+    predictor = load(make_checkpoint(tmp_path / "best.safetensors", input_size=16))
+    images = save_images(tmp_path / "photos", 5)
+    reads: list[Path] = []
+    forwards: list[tuple[int, int]] = []  # (images read so far, batch size)
+    read_image = googlenet.transforms.read_image
+
+    def counted(path, *a, **k):
+        reads.append(Path(path))
+        return read_image(path, *a, **k)
+
+    monkeypatch.setattr(googlenet.transforms, "read_image", counted)
+    predictor.model.register_forward_pre_hook(
+        lambda _m, args: forwards.append((len(reads), args[0].shape[0]))
+    )
+    written = E.explain_files(predictor, images, tmp_path / "out", E.ExplainOptions(batch_size=2))
+    assert max(size for _, size in forwards) <= 2
+    assert reads == images and forwards[0][0] <= 2
+    assert {p.name for p in written} >= {f"gradcam_img{i}.png" for i in range(5)}

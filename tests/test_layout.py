@@ -29,16 +29,12 @@ MAX_FUNCTION_LINES = 60
 # Still over the limits while "One house" lands, each to be split; the list only shrinks.
 PENDING_MODULES = {
     "googlenet.cli",
-    "googlenet.insight.explain",
-    "googlenet.insight.report",
     "googlenet.training.engine",
 }
 PENDING_FUNCTIONS = {
     "googlenet.training.engine._setup",
     "googlenet.training.config.TrainConfig.validate",
-    "googlenet.serve.create_app",
     "googlenet.training.engine.validate",
-    "googlenet.infer.evaluate.evaluate",
 }
 PENDING_EDGES = {
     ("googlenet.training.engine", "googlenet.insight.report"),

@@ -149,3 +149,35 @@ def test_cli_device_option(ckpt: Path, tmp_path: Path, capsys, command: str):
         assert main([command, str(ckpt), *extra, "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+
+
+def _odd_pictures(folder: Path) -> list[Path]:
+    """Pictures whose naive RGB conversion differs from a careful one: half-transparent RGBA,
+    a palette with a transparent colour, 16-bit grey, and a JPEG with an EXIF rotation."""
+    arr = random_image(36, 48, 2)
+    rgba = Image.fromarray(arr).convert("RGBA")
+    rgba.putalpha(Image.fromarray(random_image(36, 48, 3)[..., 0]))
+    rgba.save(folder / "alpha.png")
+    palette = Image.fromarray(arr).convert("P")
+    palette.save(folder / "palette.png", transparency=int(palette.getpixel((0, 0))))
+    grey = (random_image(36, 48, 4)[..., 0].astype("uint16") * 257).astype("uint16")
+    Image.fromarray(grey).save(folder / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    Image.fromarray(arr).save(folder / "rotated.jpg", exif=exif, quality=95)
+    return [folder / n for n in ("alpha.png", "palette.png", "grey16.png", "rotated.jpg")]
+
+
+def test_a_pil_image_and_its_file_give_the_same_prediction(ckpt: Path, tmp_path: Path):
+    model = googlenet.load(ckpt)
+    for path in _odd_pictures(tmp_path):
+        from_file = model.predict(path, top_k=3)[0]
+        with Image.open(path) as im:
+            from_pil = model.predict(im, top_k=3)[0]
+        assert from_pil.topk == from_file.topk, path.name
+
+
+def test_pil_images_obey_the_file_limits(ckpt: Path):
+    model = googlenet.load(ckpt)
+    with pytest.raises(UserError, match="aspect ratio"):
+        model.predict(Image.new("RGB", (5050, 50)))

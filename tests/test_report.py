@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 from html.parser import HTMLParser
@@ -91,6 +92,45 @@ def test_report_on_a_missing_run_is_a_clear_error(tmp_path: Path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_on_a_folder_run_shows_its_pictures_read_by_path(tmp_path: Path):
+    """A folder run records each image's index and file; the picture grids read the files
+    (recorded_val_set rebuilds only CIFAR sets, so reading by index showed none)."""
+    run = make_run(tmp_path / "run")
+    text = write_report(run).read_text()
+    assert "Sample predictions" in text and "Most confident mistakes" in text
+    assert "no picture grids" not in text
+    assert html.escape(str(run / "val" / "v0.png")) in text  # a mistake's caption names its file
+    for f in (run / "val").iterdir():
+        f.unlink()
+    text = write_report(run).read_text()
+    assert "Sample predictions" not in text and "give --data" not in text
+    assert "files are not readable here: no picture grids" in text
+
+
+def test_report_reads_only_what_the_writer_writes(tmp_path: Path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "val_predictions.csv").write_text("path,label,pred,prob\na.png,cat,dog,0.9\n")
+    assert main(["report", str(run)]) == 2
+    assert "val_predictions.csv: columns" in capsys.readouterr().err
+
+
+def test_report_summary_and_confusion_name_the_recorded_tta(tmp_path: Path, monkeypatch):
+    import googlenet.infer.evaluate
+
+    titled: list[str] = []
+    confusion_png = googlenet.infer.evaluate.confusion_png
+
+    def watched(result):
+        titled.append(result.tta)
+        return confusion_png(result)
+
+    monkeypatch.setattr(googlenet.infer.evaluate, "confusion_png", watched)
+    text = write_report(make_run(tmp_path / "run", tta="flip")).read_text()
+    assert titled == ["flip"]  # the matrix of the flip-TTA predictions says so
+    assert "val top-1 with tta=flip (final)</td><td>58.25%" in text
+    assert "test-time augmentation: flip" in text
 
 
 # --- written at the end of training -------------------------------------------------------------

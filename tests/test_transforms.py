@@ -4,6 +4,7 @@ stored working square with the final crop."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,17 @@ def test_bad_preprocess_values_are_one_line_errors():
         Preprocess(32, ZERO, ONE).pixels(torch.zeros(1, 3, 20, 40, dtype=torch.uint8))
     with pytest.raises(UserError, match="no field 'mean'"):
         Preprocess.from_dict({"input_size": 32, "std": [1, 1, 1]}, "x.safetensors")
+
+
+def test_the_unnormalised_square_is_one_preprocessing(tmp_path):
+    from PIL import Image
+
+    from googlenet.transforms import read_image, read_image_resized
+
+    square = Preprocess.square(24)
+    assert square == Preprocess(24, ZERO, ONE, resize=24)
+    assert Preprocess(16, (0.5,) * 3, (0.2,) * 3, resize=24).working() == square
+    arr = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    shown = read_image_resized(tmp_path / "a.png", 24)
+    assert torch.equal(shown, square.pixels(read_image(tmp_path / "a.png")[None])[0])

@@ -72,7 +72,7 @@ MOVED = {
     "evaluate": "googlenet.infer.evaluate",
     "export": "googlenet.infer.export",
     "inference": "googlenet.infer.inference",
-    "explain": "googlenet.insight.explain",
+    "explain": "googlenet.insight",  # the package re-exports the old module's functions
     "report": "googlenet.insight.report",
 }
 

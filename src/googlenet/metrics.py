@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from googlenet.errors import UserError
 from googlenet.model import HEAD_PREFIXES
 
 
@@ -181,6 +182,12 @@ def write_predictions(
 
 
 def read_predictions(path: Path) -> list[dict[str, str]]:
-    """The rows of a predictions CSV written by write_predictions."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a predictions CSV written by write_predictions (val_predictions.csv,
+    evaluate's predictions.csv), keyed by PREDICTION_COLUMNS; UserError for another CSV."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != PREDICTION_COLUMNS:
+            raise UserError(
+                f"{path}: columns {reader.fieldnames} are not {','.join(PREDICTION_COLUMNS)}"
+            )
+        return list(reader)

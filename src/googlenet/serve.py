@@ -8,14 +8,13 @@ GET /health    {"status": "ok"}
 Requests that arrive together are batched into one forward pass: the first waits up to
 `batch_window_ms` for others (at most `max_batch`). All model work runs on one worker thread,
 so forward hooks (Grad-CAM, branch usage) never see another request's forward pass. Bad
-uploads get a 4xx JSON {"error": ...}: not an image 415, over the size limit 413, a
-decompression bomb or a broken file 400.
+uploads get a 4xx JSON {"error": ...}: not an image 415, over the byte limit (--max-mb) 413,
+a broken file or one over the decoder's pixel or aspect limit (transforms.MAX_PIXELS,
+MAX_ASPECT: the same as for files) 400.
 """
 
 import asyncio
 import base64
-import io
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -27,8 +26,7 @@ from torch import Tensor
 
 from googlenet.errors import UserError
 
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000  # above this an upload counts as a decompression bomb
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # an upload's own cap (--max-mb), checked before decoding
 
 
 class UploadError(Exception):
@@ -39,35 +37,18 @@ class UploadError(Exception):
         self.status = status
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Uploaded bytes -> uint8 3 x H x W RGB, converted as files are (EXIF orientation, alpha
-    on white, 16-bit, palette). UploadError 415 for a non-image, 400 for a broken file or a
-    decompression bomb (more than max_pixels)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from googlenet.transforms import _pil_to_tensor, _to_rgb
+def decode_upload(data: bytes, name: str) -> Tensor:
+    """Uploaded bytes -> uint8 3 x H x W RGB through the one decoder (transforms.decode_image:
+    the same pixels and limits as files). UploadError 415 for a non-image, 400 for an empty
+    or broken file or one over the pixel or aspect limit."""
+    from googlenet.transforms import ImageError, image_tensor
 
     if not data:
         raise UploadError(400, f"{name}: empty upload")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise UploadError(
-                        400,
-                        f"{name}: {w}x{h} pixels is over the {max_pixels:,} limit "
-                        "(decompression bomb?)",
-                    )
-                im.load()
-                return _pil_to_tensor(_to_rgb(ImageOps.exif_transpose(im)))
-    except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not an image Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UploadError(400, f"{name}: decompression bomb refused ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise UploadError(400, f"{name}: broken image ({e})") from None
+        return image_tensor(data, name)
+    except ImageError as e:
+        raise UploadError(415 if e.kind == "not an image" else 400, str(e)) from None
 
 
 class Batcher:
@@ -181,18 +162,19 @@ def _install_error_handlers(app: Any, max_bytes: int) -> None:
 def _explain_extras(predictor: Any, x: Tensor, index: int) -> dict[str, Any]:
     """Grad-CAM for class `index` and the branch usage of one preprocessed image (run on the
     model's thread)."""
-    from googlenet.insight import explain as E
+    from googlenet.insight.branches import BRANCHES, branch_energy
+    from googlenet.insight.gradcam import DEFAULT_BLOCK, denormalize, gradcam
+    from googlenet.insight.plots import overlay, png_bytes
 
     model, pp = predictor.model, predictor.preprocess
-    cam = E.gradcam(model, x.unsqueeze(0), index)[0]
-    rgb = E.overlay(E.denormalize(x, pp.mean, pp.std), cam, min_side=224)
-    usage = E.branch_energy(model, x.unsqueeze(0))
+    cam = gradcam(model, x.unsqueeze(0), index)[0]
+    rgb = overlay(denormalize(x, pp.mean, pp.std), cam, min_side=224)
+    usage = branch_energy(model, x.unsqueeze(0))
     return {
-        "gradcam": "data:image/png;base64," + base64.b64encode(E.png_bytes(rgb)).decode("ascii"),
-        "gradcam_block": E.DEFAULT_BLOCK,
+        "gradcam": "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii"),
+        "gradcam_block": DEFAULT_BLOCK,
         "branch_usage": {
-            b: dict(zip(E.BRANCHES, map(float, s[0]), strict=True))
-            for b, s in usage.shares().items()
+            b: dict(zip(BRANCHES, map(float, s[0]), strict=True)) for b, s in usage.shares().items()
         },
     }
 
@@ -200,15 +182,13 @@ def _explain_extras(predictor: Any, x: Tensor, index: int) -> dict[str, Any]:
 def create_app(
     predictor: Any,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     batch_window_ms: float = 5.0,
     max_batch: int = 32,
     top_k: int = 5,
 ) -> Any:
     """The FastAPI app serving `predictor` (a googlenet.load() Predictor)."""
     try:
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse
+        from fastapi import FastAPI
     except ImportError as e:
         raise UserError(
             f"googlenet serve needs the serve extra ({e.name} is missing): "
@@ -216,7 +196,6 @@ def create_app(
         ) from None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-model")
     batcher = Batcher(predictor.predict_tensor, executor, batch_window_ms / 1000, max_batch)
-    page = page_html()
 
     @asynccontextmanager
     async def lifespan(_app: Any):
@@ -227,25 +206,40 @@ def create_app(
 
     app = FastAPI(title="googlenet", lifespan=lifespan)
     app.state.batcher = batcher
-
     _install_error_handlers(app, max_bytes)
+    _add_routes(app, predictor, batcher, executor, max_bytes, top_k)
+    return app
 
-    async def read_upload(request: Request) -> tuple[Tensor, str]:
-        form = await request.form(max_files=1, max_fields=8)
-        try:
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise UploadError(400, "expected a multipart form with an image in 'file'")
-            name = upload.filename or "upload"
-            data = await upload.read(max_bytes + 1)
-        finally:
-            await form.close()
-        if len(data) > max_bytes:
-            raise UploadError(413, f"{name}: over the {max_bytes:,}-byte limit")
-        loop = asyncio.get_running_loop()
-        img = await loop.run_in_executor(None, decode_upload, data, name, max_pixels)
-        x = predictor.preprocess(img)
-        return x, name
+
+async def _read_upload(request: Any, predictor: Any, max_bytes: int) -> tuple[Tensor, str]:
+    """The preprocessed image in the multipart field `file`, and its name."""
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise UploadError(400, "expected a multipart form with an image in 'file'")
+        name = upload.filename or "upload"
+        data = await upload.read(max_bytes + 1)
+    finally:
+        await form.close()
+    if len(data) > max_bytes:
+        raise UploadError(413, f"{name}: over the {max_bytes:,}-byte limit")
+    img = await asyncio.get_running_loop().run_in_executor(None, decode_upload, data, name)
+    return predictor.preprocess(img), name
+
+
+def _add_routes(
+    app: Any,
+    predictor: Any,
+    batcher: Batcher,
+    executor: ThreadPoolExecutor,
+    max_bytes: int,
+    top_k: int,
+) -> None:
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse
+
+    page = page_html()
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -257,21 +251,18 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        x, name = await read_upload(request)
+        x, name = await _read_upload(request, predictor, max_bytes)
         probs = await batcher.submit(x)
         return predictor.to_prediction(probs, top_k, name).to_dict()
 
     @app.post("/explain")
     async def explain(request: Request) -> dict[str, Any]:
-        x, name = await read_upload(request)
+        x, name = await _read_upload(request, predictor, max_bytes)
         probs = await batcher.submit(x)
         pred = predictor.to_prediction(probs, top_k, name)
-
         loop = asyncio.get_running_loop()
         extra = await loop.run_in_executor(executor, _explain_extras, predictor, x, pred.index)
         return {"prediction": pred.to_dict(), **extra}
-
-    return app
 
 
 def serve(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from googlenet.errors import UserError
@@ -48,51 +48,88 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+# The one decoding policy, for files, bytes (uploads, shards) and PIL images alike. An image
+# over either limit is refused before its pixels are decoded.
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 89 MP, 268 MB as RGB)
 MAX_ASPECT = 100  # longer side / shorter side: beyond it the shorter-side resize would explode
 
 
-def _open_rgb(path: Path | bytes, draft: int | None = None, name: str | None = None) -> Image.Image:
-    """Decoded, EXIF-upright RGB image from a file or its bytes; UserError naming the file
-    (or `name`) when it cannot be read, or when its header promises more pixels than Pillow's
-    decompression-bomb limit (checked before anything is decoded) or an absurd aspect ratio."""
-    label = name or path
+class ImageError(UserError):
+    """An image the decoder cannot use. kind: "not an image" (no format Pillow knows),
+    "broken" (a format, but the data fails to decode) or "refused" (over MAX_PIXELS or
+    MAX_ASPECT); the server answers 415 for the first and 400 for the others."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _check_size(w: int, h: int, label: Any) -> None:
+    if w * h > MAX_PIXELS:
+        raise ImageError(
+            f"{label}: refused: {w} x {h} pixels is more than {MAX_PIXELS:,} "
+            "(a decompression bomb?)",
+            "refused",
+        )
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise ImageError(
+            f"{label}: refused: {w} x {h} pixels, an aspect ratio beyond {MAX_ASPECT}:1",
+            "refused",
+        )
+
+
+def decode_image(
+    source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None
+) -> Image.Image:
+    """THE image decoder: a file, its bytes or a PIL image -> an upright RGB PIL image (EXIF
+    orientation applied, alpha composited on white, 16-bit scaled, palette and CMYK
+    converted). ImageError naming the image (`name`, else the path) when it is not an image,
+    fails to decode, or its size breaks MAX_PIXELS or MAX_ASPECT (checked from the header,
+    before anything is decoded). draft: a JPEG may be decoded at a reduced scale whose sides
+    stay >= draft (much faster; the pixels differ slightly from a full decode)."""
+    if isinstance(source, Image.Image):
+        label: Any = name or "PIL image"
+    else:
+        label = name or ("image" if isinstance(source, bytes) else source)
     try:
-        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
-            w, h = im.size
-            if w * h > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice this
-                raise UserError(
-                    f"{label}: refused: {w} x {h} pixels is more than {Image.MAX_IMAGE_PIXELS} "
-                    "(a decompression bomb?)"
-                )
-            if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
-                raise UserError(f"{label}: refused: {w} x {h} pixels, an aspect ratio beyond "
-                                f"{MAX_ASPECT}:1")  # fmt: skip
+        if isinstance(source, Image.Image):
+            _check_size(*source.size, label)
+            return _upright_rgb(source)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            _check_size(*im.size, label)
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))  # DCT-domain downscale: much faster decoding
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except UserError:
+            return _upright_rgb(im)
+    except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{label}: refused: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's own check, should ours ever be laxer
+        raise ImageError(f"{label}: refused: {e}", "refused") from e
     except Exception as e:  # Pillow raises many kinds (struct.error, IndexError, ...) on bad data
-        raise UserError(f"{label}: not a readable image ({type(e).__name__}: {e})") from e
+        kind = "not an image" if isinstance(e, UnidentifiedImageError) else "broken"
+        raise ImageError(f"{label}: not a readable image ({type(e).__name__}: {e})", kind) from e
+
+
+def _upright_rgb(im: Image.Image) -> Image.Image:
+    return _to_rgb(ImageOps.exif_transpose(im))
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def image_tensor(source: str | Path | bytes | Image.Image, name: str | None = None) -> Tensor:
+    """A file, its bytes or a PIL image as uint8 3 x H x W RGB, through decode_image."""
+    return _pil_to_tensor(decode_image(source, name))
+
+
 def read_image(path: str | Path, draft: int | None = None) -> torch.Tensor:
-    """An image file as uint8 3 x H x W RGB (EXIF orientation applied; grey, RGBA, palette,
-    CMYK and 16-bit converted). UserError naming the file when it is missing or unreadable.
-    draft: a JPEG may be decoded at a reduced scale whose sides stay >= draft (much faster;
-    for training images only, since the pixels differ slightly from a full decode)."""
+    """An image file as uint8 3 x H x W RGB (decode_image's policy). UserError naming the file
+    when it is missing or unreadable. draft: see decode_image (for training images only)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
-    return _pil_to_tensor(_open_rgb(path, draft))
+    return _pil_to_tensor(decode_image(path, draft=draft))
 
 
 def read_image_resized(
@@ -101,9 +138,10 @@ def read_image_resized(
     """An image file (or its bytes, called `name` in errors) as the size x size centre square
     of the image resized so its shorter side is `size` (Preprocess geometry and resampling;
     JPEG draft decoding if asked: faster, slightly different pixels)."""
-    im = _open_rgb(path if isinstance(path, bytes) else Path(path), size if draft else None, name)
-    square = Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size)
-    return square.pixels(_pil_to_tensor(im).unsqueeze(0))[0]
+    im = decode_image(
+        path if isinstance(path, bytes) else Path(path), name, size if draft else None
+    )
+    return Preprocess.square(size).pixels(_pil_to_tensor(im).unsqueeze(0))[0]
 
 
 # --- preprocessing ----------------------------------------------------------------------------
@@ -221,6 +259,12 @@ class Preprocess:
                 f"preprocess: resize {self.resize} is smaller than the {self.input_size}-pixel crop"
             )
 
+    @classmethod
+    def square(cls, side: int) -> Preprocess:
+        """Unnormalised: the side x side centre square of the image resized so its shorter side
+        is `side` (how images are stored and shown; pixels() gives it as uint8)."""
+        return cls(side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), side)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,
@@ -288,8 +332,7 @@ class Preprocess:
         """The preprocessing that keeps what this one crops from: a square of side `resize`
         (the whole resized image's centre), unnormalised; used to store images once so that
         this preprocessing (or random crops of input_size) can be applied later."""
-        side = self.resize or self.input_size
-        return Preprocess(side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), side)
+        return Preprocess.square(self.resize or self.input_size)
 
 
 def working_size(input_size: int) -> int:

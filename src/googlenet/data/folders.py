@@ -35,7 +35,7 @@ def _as_prepare(prepare: Preprocess | int) -> Preprocess:
         return prepare
     if prepare < 1:
         raise UserError(f"size must be >= 1, got {prepare}")
-    return Preprocess(prepare, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), prepare)
+    return Preprocess.square(prepare)
 
 
 def prepare_image(path: Path, prepare: Preprocess, draft: bool = False) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from googlenet.data.arrays import MAX_BAD, check_unreadable
 from googlenet.data.folders import map_classes
@@ -38,7 +38,7 @@ from googlenet.data.listing import list_folder
 from googlenet.data.loader import BatchLoader, mix_seed
 from googlenet.errors import UserError
 from googlenet.files import atomic_write_text
-from googlenet.transforms import _to_rgb, read_image_resized
+from googlenet.transforms import decode_image, read_image_resized
 
 SPLITS = ("train", "val")
 CLASSES_FILE = "classes.json"
@@ -80,13 +80,12 @@ def prepare_image(path: Path, max_side: int | None) -> tuple[str, bytes, bool]:
     """(extension, bytes to store, re-encoded?) for one image file. Decodes the whole image, so
     a truncated or corrupt file fails here (OSError/ValueError/...) rather than in training."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
+    rgb = decode_image(data, str(path))  # the one decoder: its policy and limits
+    with Image.open(io.BytesIO(data)) as im:  # the header again, for the format
         fmt = im.format
-        im.load()
-        big = max_side is not None and max(im.size) > max_side
-        if not big and fmt in ("JPEG", "PNG"):
-            return ("jpg" if fmt == "JPEG" else "png"), data, False
-        rgb = _to_rgb(ImageOps.exif_transpose(im))
+    big = max_side is not None and max(rgb.size) > max_side
+    if not big and fmt in ("JPEG", "PNG"):
+        return ("jpg" if fmt == "JPEG" else "png"), data, False
     buf = io.BytesIO()
     if big:
         assert max_side is not None
@@ -103,7 +102,7 @@ def _prepare_or_error(path: Path, max_side: int | None) -> tuple[str, bytes, boo
     try:
         return prepare_image(path, max_side)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        return f"{path}: not a readable image ({e})"
+        return str(e) if str(path) in str(e) else f"{path}: not a readable image ({e})"
 
 
 def _prepare_chunk(paths: list[Path], max_side: int | None) -> list[Any]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from googlenet.checkpoint import CheckpointMeta, load_model
@@ -87,6 +88,28 @@ def load_members(checkpoints: Sequence[str | Path], weights: str = "auto") -> li
     return members
 
 
+def _runners(
+    members: Sequence[Member], dev: torch.device, precision: str | None
+) -> list[tuple[Callable[[Tensor], Tensor], Preprocess]]:
+    """Each member run as its run's final validation ran it (precision, memory format,
+    BatchNorm folding), unless `precision` overrides."""
+    runners = []
+    for m in members:
+        v = m.meta.validation
+        p = precision or (v.precision if v is not None else "fp32")
+        dtype = pick_dtype(p, dev, what="--precision")
+        channels_last = (
+            v.channels_last if v is not None and precision is None else dtype is not None
+        )
+        model = m.model
+        if v is not None and v.fold_bn:  # as the run's final validation evaluated it
+            from googlenet.fuse import fold_batchnorm
+
+            model = fold_batchnorm(model)
+        runners.append((make_runner(model, dev, dtype, channels_last), m.preprocess))
+    return runners
+
+
 def evaluate(
     checkpoints: Sequence[str | Path],
     data: str | Path | None = None,
@@ -119,21 +142,7 @@ def evaluate(
     batch_size = batch_size or (val.batch_size if val is not None and val.batch_size else 100)
     seed = int(recorded.get("seed", 0))
     limit = limit if limit is not None else (int(recorded.get("limit", 0)) or None)
-    dev = pick_device(device, what="--device")
-    runners = []
-    for m in members:
-        v = m.meta.validation
-        p = precision or (v.precision if v is not None else "fp32")
-        dtype = pick_dtype(p, dev, what="--precision")
-        channels_last = (
-            v.channels_last if v is not None and precision is None else dtype is not None
-        )
-        model = m.model
-        if v is not None and v.fold_bn:  # as the run's final validation evaluated it
-            from googlenet.fuse import fold_batchnorm
-
-            model = fold_batchnorm(model)
-        runners.append((make_runner(model, dev, dtype, channels_last), m.preprocess))
+    runners = _runners(members, pick_device(device, what="--device"), precision)
     kw: dict[str, Any] = {"checkpoints": [m.name for m in members]}
     # One preprocessing for every member and no crops of the whole image: folder files are
     # prepared exactly as training prepared its validation images, then only normalised.

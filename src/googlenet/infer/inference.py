@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from googlenet.checkpoint import CheckpointMeta
 from googlenet.devices import make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
-from googlenet.transforms import Preprocess, read_image
+from googlenet.transforms import Preprocess, image_tensor, read_image
 
 
 @dataclass
@@ -103,18 +103,17 @@ class Predictor:
 
 
 def as_image_tensor(image: ImageLike) -> Tensor:
-    """A path, PIL image or 3 x H x W tensor -> a 3 x H x W tensor (uint8, or float 0..1)."""
+    """A path, PIL image or 3 x H x W tensor -> a 3 x H x W tensor (uint8, or float 0..1). Paths
+    and PIL images go through the one decoder (transforms.decode_image), so a PIL image and
+    its file give the same pixels and obey the same limits."""
     if isinstance(image, (str, Path)):
         return read_image(image)
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise UserError(f"expected a 3 x H x W image tensor, got shape {tuple(image.shape)}")
         return image
-    if hasattr(image, "getbands"):  # a PIL image
-        import numpy as np
-
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    if hasattr(image, "getbands"):  # a PIL image: decoded as its file would be
+        return image_tensor(image)
     raise UserError(f"cannot classify a {type(image).__name__}; give a path, PIL image or tensor")
 
 

@@ -8,8 +8,6 @@ best checkpoint); images are read from the run's data set only for the picture g
 
 from __future__ import annotations
 
-import base64
-import csv
 import html
 import json
 import sys
@@ -23,78 +21,55 @@ import torch
 from torch import Tensor
 
 from googlenet.errors import UserError
+from googlenet.insight.branches import BRANCHES, branch_energy
+from googlenet.insight.features import filters_grid, visualise_feature
+from googlenet.insight.gradcam import DEFAULT_BLOCK, denormalize, gradcam
+from googlenet.insight.page import (
+    BRANCH_COLOURS,
+    GENERATOR,
+    bar,
+    img,
+    render_page,
+    table,
+    tiles_html,
+)
+from googlenet.insight.plots import features_png, overlay, png_bytes
+from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 
 if TYPE_CHECKING:
     from googlenet.checkpoint import CheckpointMeta
     from googlenet.infer.inference import Predictor
-
-PREDICTIONS = "val_predictions.csv"
 
 
 @dataclass
 class ValPrediction:
     """One validation image's recorded result (a row of val_predictions.csv)."""
 
-    key: str  # image index in the validation set, or its file path
+    index: int  # sample index in the validation set
+    path: str  # its file ("" for in-memory data such as CIFAR)
     label: int  # true class index
     pred: int  # predicted class index
     prob: float  # probability of the predicted class
 
-
-def _column(header: list[str], *names: str) -> int | None:
-    low = [h.strip().lower() for h in header]
-    for n in names:
-        if n in low:
-            return low.index(n)
-    return None
+    @property
+    def key(self) -> str:
+        """What the image is called in captions: its file, else #index."""
+        return self.path or f"#{self.index}"
 
 
-def read_predictions(path: str | Path, classes: list[str]) -> list[ValPrediction]:
-    """Rows of val_predictions.csv; labels may be class names or indices."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise UserError(f"{path}: empty")
-    header = rows[0]
-    key = _column(header, "index", "image", "path", "file", "source")
-    true = _column(header, "label", "true", "true_label", "target", "y")
-    pred = _column(header, "pred", "predicted", "prediction", "predicted_label")
-    prob = _column(header, "prob", "probability", "confidence", "p")
-    if None in (key, true, pred, prob):
-        raise UserError(f"{path}: unexpected columns {header}")
-    names = {c: i for i, c in enumerate(classes)}
-
-    def idx(v: str) -> int:
-        return names[v] if v in names else int(v)
-
+def recorded_predictions(path: Path, classes: list[str]) -> list[ValPrediction]:
+    """val_predictions.csv (metrics.read_predictions) with the class names as indices."""
+    index = {c: i for i, c in enumerate(classes)}
     out = []
-    for r in rows[1:]:
-        if r:
-            out.append(ValPrediction(r[key], idx(r[true]), idx(r[pred]), float(r[prob])))
+    for r in read_predictions(path):
+        if r["true"] not in index or r["predicted"] not in index:
+            raise UserError(f"{path}: row {r['index']} names a class the checkpoint lacks")
+        label, pred = index[r["true"]], index[r["predicted"]]
+        out.append(ValPrediction(int(r["index"]), r["path"], label, pred, float(r["probability"])))
     return out
 
 
 # --- pieces ---------------------------------------------------------------------------------
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _img(png: bytes, alt: str, width: int | None = None) -> str:
-    w = f' width="{width}"' if width else ""
-    return f'<img src="{_data_uri(png)}" alt="{html.escape(alt)}"{w}>'
-
-
-def _table(rows: list[list[Any]], header: list[str] | None = None) -> str:
-    out = ["<table>"]
-    if header:
-        out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
-    for r in rows:
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
 
 
 def curves_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
@@ -107,55 +82,29 @@ def curves_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         return {p.stem: p.read_bytes() for p in plot_history(rows, tmp)}
 
 
-def _val_images(keys: list[str], labels: list[int], val_set: Any, size: int) -> Tensor | None:
-    """uint8 images of the recorded validation results: `keys` are indices into `val_set`
-    (checked against the recorded labels, so other images never pass for the run's) or file
-    paths (read at `size`); None when the images are not here."""
+def _from_set(picked: list[ValPrediction], val_set: Any) -> Tensor | None:
+    """uint8 images of `picked` by index from `val_set`, checked against the recorded labels
+    (so other images never pass for the run's); None when they cannot be."""
+    if val_set is None or not hasattr(val_set, "get_images"):
+        return None
+    idx = torch.tensor([p.index for p in picked])
+    labels = torch.tensor([p.label for p in picked])
+    if len(val_set) <= int(idx.max()):
+        return None
+    if not torch.equal(torch.as_tensor(val_set.labels)[idx].long(), labels):
+        return None
+    return val_set.get_images(idx)
+
+
+def _from_files(picked: list[ValPrediction], side: int) -> Tensor | None:
+    """uint8 side x side squares of `picked`'s recorded files (the one decoder); None when one
+    is missing or unreadable."""
     from googlenet.transforms import read_image_resized
 
-    if all(k.isdigit() for k in keys):
-        if val_set is None or not hasattr(val_set, "get_images"):
-            return None
-        idx = torch.tensor([int(k) for k in keys])
-        if len(val_set) <= int(idx.max()) or not torch.equal(
-            torch.as_tensor(val_set.labels)[idx].long(), torch.tensor(labels)
-        ):
-            return None
-        return val_set.get_images(idx)
     try:
-        return torch.stack([read_image_resized(k, size) for k in keys])
+        return torch.stack([read_image_resized(p.path, side) for p in picked])
     except (UserError, OSError):
         return None
-
-
-def _tiles_html(tiles: list[tuple[Tensor, str, bool]], min_side: int = 64) -> str:
-    """Images (3 x H x W, 0..1) as small PNGs with HTML captions, mistakes in red (PIL only:
-    a matplotlib grid cost seconds)."""
-    from googlenet.insight.explain import _to_uint8, _upscale, png_bytes
-
-    cells = []
-    for img, caption, ok in tiles:
-        pic = _img(png_bytes(_to_uint8(_upscale(img, min_side))), caption)
-        cls = "tile" if ok else "tile bad"
-        cells.append(
-            f"<figure class='{cls}'>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-    return "<div class=row>" + "".join(cells) + "</div>"
-
-
-def _bar(shares: Tensor) -> str:
-    """A stacked horizontal bar of the four branch shares."""
-    from googlenet.insight.explain import BRANCHES
-
-    spans = "".join(
-        f"<span style='width:{100 * float(v):.2f}%;background:{c}' "
-        f"title='{b} {100 * float(v):.1f}%'></span>"
-        for b, v, c in zip(BRANCHES, shares, BRANCH_COLOURS, strict=True)
-    )
-    return f"<div class=bar>{spans}</div>"
-
-
-BRANCH_COLOURS = ("#3b75af", "#ef8636", "#519e3e", "#c53932")  # 1x1, 3x3, 5x5, pool
 
 
 def _curves(run: Path, rows: list[dict[str, Any]]) -> dict[str, bytes]:
@@ -180,6 +129,11 @@ def _run_config(run: Path, meta: CheckpointMeta) -> dict[str, Any]:
     return meta.config
 
 
+def _recorded_tta(meta: CheckpointMeta) -> str:
+    """The test-time augmentation of the run's final validation (and val_predictions.csv)."""
+    return meta.validation.tta if meta.validation is not None else "none"
+
+
 def _summary_html(
     run: Path, checkpoint: str | Path | None, meta: CheckpointMeta, rows: list[dict[str, Any]]
 ) -> str:
@@ -194,13 +148,18 @@ def _summary_html(
         ["best epoch", best.get("epoch", epoch)],
         ["best val top-1", f"{best['val_acc']:.2f}%" if "val_acc" in best else "?"],
     ]
-    return "<h2>Summary</h2>" + _table(summary)
+    # The final validation's TTA score: its last log row (or the checkpoint's, without a log).
+    last = rows[-1] if rows else (meta.training.metrics if meta.training is not None else {})
+    if "val_tta_acc" in last:
+        tta = _recorded_tta(meta)
+        summary.append([f"val top-1 with tta={tta} (final)", f"{last['val_tta_acc']:.2f}%"])
+    return "<h2>Summary</h2>" + table(summary)
 
 
 def _config_html(cfg: dict[str, Any]) -> str:
     return (
         "<h2>Config</h2><details open><summary>config.toml</summary>"
-        + _table([[k, json.dumps(v)] for k, v in cfg.items()], ["key", "value"])
+        + table([[k, json.dumps(v)] for k, v in cfg.items()], ["key", "value"])
         + "</details>"
     )
 
@@ -209,7 +168,7 @@ def _curves_html(run: Path, rows: list[dict[str, Any]]) -> str:
     pngs = _curves(run, rows)
     return (
         "<h2>Loss and accuracy per head</h2><div class=row>"
-        + "".join(_img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
+        + "".join(img(pngs[k], f"{k} curves") for k in ("loss", "accuracy") if k in pngs)
         + "</div><p>Solid: train; dashed: validation; one colour per head (output, aux1, "
         "aux2).</p>"
     )
@@ -225,7 +184,7 @@ def _timing_html(rows: list[dict[str, Any]]) -> str:
             ", ".join(f"{float(r.get('images_per_s', 0)):.0f}" for r in rows),
         ],
     ]
-    return "<h2>Timing</h2>" + _table(timing)
+    return "<h2>Timing</h2>" + table(timing)
 
 
 def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: CheckpointMeta) -> str:
@@ -236,8 +195,8 @@ def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: Checkp
     c = len(classes)
     labels, predicted = (torch.tensor([getattr(p, k) for p in preds]) for k in ("label", "pred"))
     cm = count_confusion(torch.zeros(c, c, dtype=torch.int64), labels, predicted)
-    result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())})
-    val_tta = meta.validation.tta if meta.validation is not None else "none"
+    val_tta = _recorded_tta(meta)  # the predictions were recorded under it: the title says so
+    result = EvalResult(classes, cm, {1: int(cm.diagonal().sum())}, tta=val_tta)
     tta = f"; test-time augmentation: {val_tta}" if val_tta != "none" else ""
     per_class = [
         [name, f"{100 * a:.1f}%" if a is not None else "-", int(cm[i].sum())]
@@ -246,9 +205,9 @@ def _confusion_html(preds: list[ValPrediction], classes: list[str], meta: Checkp
     return (
         f"<h2>Validation: confusion matrix and per-class accuracy</h2>"
         f"<p>top-1 {100 * result.top1:.2f}% on {result.n} images "
-        f"(recorded in {PREDICTIONS}{tta})</p><div class=row>"
-        + _img(confusion_png(result), "confusion matrix", 560)
-        + _table(per_class, ["class", "accuracy", "images"])
+        f"(recorded in {VAL_PREDICTIONS}{tta})</p><div class=row>"
+        + img(confusion_png(result), "confusion matrix", 560)
+        + table(per_class, ["class", "accuracy", "images"])
         + "</div>"
     )
 
@@ -263,25 +222,38 @@ def _pick_pictures(
     return preds[::step][:samples], wrong
 
 
+NO_FILES = "the validation images' files are not readable here: no picture grids"
+NO_SET = (
+    "the validation images are not here or differ from the recorded ones (give --data): "
+    "no picture grids"
+)
+
+
 def _picked_images(
     picked: list[ValPrediction],
     meta: CheckpointMeta,
     cfg: dict[str, Any],
     data: str | Path | None,
     val_set: Any,
-) -> Tensor | None:
-    """uint8 images of `picked`, from `val_set` or else the run's validation set rebuilt (index
-    keys) or their files (path keys); None when they are not here."""
-    keys, size = [p.key for p in picked], int(cfg.get("input_size") or 32)
-    if val_set is None and keys and all(k.isdigit() for k in keys):
-        from googlenet.infer.evaluate import recorded_val_set
+) -> tuple[Tensor | None, str]:
+    """uint8 images of `picked`: from `val_set` (the images training holds), else their
+    recorded files (folder runs: at the checkpoint's working side, so its preprocessing crops
+    what validation saw), else the run's validation set rebuilt (CIFAR); and the note to show
+    when they are not here."""
+    images = _from_set(picked, val_set)
+    if images is not None:
+        return images, ""
+    if all(p.path for p in picked):
+        images = _from_files(picked, meta.preprocess.resize or meta.preprocess.input_size)
+        return images, "" if images is not None else NO_FILES
+    from googlenet.infer.evaluate import recorded_val_set
 
-        try:
-            val_set = recorded_val_set(meta, cfg, data)
-        except (UserError, KeyError, ValueError):
-            val_set = None
-    labels = [p.label for p in picked]
-    return _val_images(keys, labels, val_set, size) if keys else None
+    try:
+        rebuilt = recorded_val_set(meta, cfg, data)
+    except (UserError, KeyError, ValueError):
+        rebuilt = None
+    images = _from_set(picked, rebuilt)
+    return images, "" if images is not None else NO_SET
 
 
 def _samples_html(images: Tensor, shown: list[ValPrediction], classes: list[str]) -> str:
@@ -296,7 +268,7 @@ def _samples_html(images: Tensor, shown: list[ValPrediction], classes: list[str]
     ]
     return (
         "<h2>Sample predictions</h2><p>Evenly spread over the validation set; red: "
-        "wrong.</p>" + _tiles_html(tiles)
+        "wrong.</p>" + tiles_html(tiles)
     )
 
 
@@ -304,21 +276,19 @@ def _mistakes_html(
     predictor: Predictor, xw: Tensor, wrong: list[ValPrediction], classes: list[str]
 ) -> str:
     """Grad-CAMs of the wrong predictions; `xw` their preprocessed images."""
-    from googlenet.insight import explain as E
-
-    cams = E.gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
+    cams = gradcam(predictor.model, xw, torch.tensor([p.pred for p in wrong]))
     cells = []
     for j, p in enumerate(wrong):
-        pic = E.denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
-        over = E.overlay(pic, cams[j], min_side=96)
-        cap = f"#{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
+        pic = denormalize(xw[j], predictor.preprocess.mean, predictor.preprocess.std)
+        over = overlay(pic, cams[j], min_side=96)
+        cap = f"{p.key}: {classes[p.pred]} {100 * p.prob:.0f}% (true {classes[p.label]})"
         cells.append(
-            f"<figure>{_img(E.png_bytes(over), cap)}"
+            f"<figure>{img(png_bytes(over), cap)}"
             f"<figcaption>{html.escape(cap)}</figcaption></figure>"
         )
     return (
         "<h2>Most confident mistakes, with Grad-CAM</h2><p>Grad-CAM of the "
-        f"predicted class at {E.DEFAULT_BLOCK}: where the evidence for the wrong "
+        f"predicted class at {DEFAULT_BLOCK}: where the evidence for the wrong "
         "answer lies.</p><div class=row>" + "".join(cells) + "</div>"
     )
 
@@ -337,12 +307,8 @@ def _validation_sections(
     meta, classes = predictor.meta, predictor.classes
     parts = [_confusion_html(preds, classes, meta)]
     shown, wrong = _pick_pictures(preds, samples, mistakes)
-    images = _picked_images(shown + wrong, meta, cfg, data, val_set)
+    images, note = _picked_images(shown + wrong, meta, cfg, data, val_set)
     if images is None:
-        note = (
-            "the validation images are not here or differ from the recorded ones "
-            "(give --data): no picture grids"
-        )
         return parts, [note], None
     x_all = predictor.preprocess(images)
     parts.append(_samples_html(images, shown, classes))
@@ -352,23 +318,21 @@ def _validation_sections(
 
 
 def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
-    from googlenet.insight import explain as E
-
-    usage = E.branch_energy(model.eval(), usage_x)
+    usage = branch_energy(model.eval(), usage_x)
     mean = usage.mean_shares()
     per_ch = usage.mean_shares(per_channel=True)
     table = [
-        f"<tr><td>{b.replace('inception', '')}</td><td>{_bar(mean[b])}</td>"
-        f"<td>{_bar(per_ch[b])}</td>"
+        f"<tr><td>{b.replace('inception', '')}</td><td>{bar(mean[b])}</td>"
+        f"<td>{bar(per_ch[b])}</td>"
         + "".join(f"<td>{100 * float(v):.1f}%</td>" for v in (*mean[b], *per_ch[b]))
         + "</tr>"
         for b in mean
     ]
     head = ["block", "energy", "per channel"]
-    head += [*E.BRANCHES, *(f"{k} /ch" for k in E.BRANCHES)]
+    head += [*BRANCHES, *(f"{k} /ch" for k in BRANCHES)]
     legend = " ".join(
         f"<span class=key style='background:{c}'></span>{b}"
-        for b, c in zip(E.BRANCHES, BRANCH_COLOURS, strict=True)
+        for b, c in zip(BRANCHES, BRANCH_COLOURS, strict=True)
     )
     return (
         "<h2>Branch usage</h2><p>Share of each inception branch's energy (sum of squared "
@@ -383,39 +347,17 @@ def _branch_usage_html(model: torch.nn.Module, usage_x: Tensor) -> str:
 
 
 def _filters_html(model: torch.nn.Module) -> str:
-    from googlenet.insight import explain as E
-
-    return "<h2>First-layer filters</h2>" + _img(
-        E.png_bytes(E.filters_grid(model)), "first-layer filters"
+    return "<h2>First-layer filters</h2>" + img(
+        png_bytes(filters_grid(model)), "first-layer filters"
     )
 
 
 def _features_html(predictor: Predictor, features: str, channels: int) -> str:
-    from googlenet.insight import explain as E
-
     chans = list(range(channels))
     pp = predictor.preprocess
-    imgs = E.visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
-    return f"<h2>Feature visualisation: {html.escape(features)}</h2>" + _img(
-        E.features_png(imgs, features, chans), "feature visualisation"
-    )
-
-
-def _page(run: Path, parts: list[str], notes: list[str], t0: float) -> str:
-    """The whole page; notes on what is missing go right after the summary."""
-    if notes:
-        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        parts = [parts[0], f"<ul class=notes>{items}</ul>", *parts[1:]]
-    took = time.perf_counter() - t0
-    title = f"googlenet run report: {run.name}"
-    return PAGE.format(
-        title=html.escape(title),
-        generator=GENERATOR,
-        body="\n".join(parts),
-        footer=html.escape(
-            f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.1f} s "
-            f"from {run} by googlenet report"
-        ),
+    imgs = visualise_feature(predictor.model, features, chans, pp.mean, pp.std)
+    return f"<h2>Feature visualisation: {html.escape(features)}</h2>" + img(
+        features_png(imgs, features, chans), "feature visualisation"
     )
 
 
@@ -452,8 +394,8 @@ def build_report(
         parts += [_curves_html(run, rows), _timing_html(rows)]
     else:
         notes.append("no metrics.jsonl: no curves or timing")
-    preds_path = run / PREDICTIONS
-    preds = read_predictions(preds_path, predictor.classes) if preds_path.is_file() else []
+    preds_path = run / VAL_PREDICTIONS
+    preds = recorded_predictions(preds_path, predictor.classes) if preds_path.is_file() else []
     x_all: Tensor | None = None
     if preds:
         more, more_notes, x_all = _validation_sections(
@@ -462,13 +404,13 @@ def build_report(
         parts += more
         notes += more_notes
     else:
-        notes.append(f"no {PREDICTIONS} in the run folder: no confusion matrix or samples")
+        notes.append(f"no {VAL_PREDICTIONS} in the run folder: no confusion matrix or samples")
     if x_all is not None and len(x_all):
         parts.append(_branch_usage_html(predictor.model, x_all[:usage_images]))
     parts.append(_filters_html(predictor.model))
     if features:
         parts.append(_features_html(predictor, features, channels))
-    return _page(run, parts, notes, t0)
+    return render_page(run, parts, notes, t0)
 
 
 def write_report(
@@ -488,9 +430,6 @@ def write_report(
     text = build_report(run, data, **kw)
     atomic_write_text(path, text)
     return path
-
-
-GENERATOR = '<meta name="generator" content="googlenet report">'
 
 
 def _ours(path: Path) -> bool:
@@ -526,31 +465,3 @@ def report_after_training(
         took = time.perf_counter() - t0
         print(f"wrote {path} in {took:.1f} s", file=sys.stderr, flush=True)
     return path
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-{generator}
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em;
-       border-bottom: 1px solid #ddd; }}
-table {{ border-collapse: collapse; font-size: 12px; margin: .4em 0; }}
-td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
-.row {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
-img {{ max-width: 100%; }} figure {{ margin: 0; font-size: 11px; width: 200px; }}
-.notes {{ color: #8a5300; }}
-.tile {{ width: 96px; }} .tile figcaption {{ white-space: pre-line; }}
-.bad figcaption {{ color: crimson; }}
-.bar {{ display: flex; width: 220px; height: 12px; }}
-.key {{ display: inline-block; width: 10px; height: 10px; margin: 0 3px 0 8px; }}
-footer {{ color: #777; font-size: 11px; margin-top: 2em; }}
-</style></head>
-<body><h1>{title}</h1>
-{body}
-<footer>{footer}</footer>
-</body></html>
-"""
