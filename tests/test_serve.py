@@ -96,6 +96,7 @@ def png_header(width: int, height: int) -> bytes:
         ("bomb.png", png_header(10_000, 10_000), 400),  # over transforms.MAX_PIXELS
         ("strip.png", png_header(5_050, 50), 400),  # beyond MAX_ASPECT, as files are
     ],
+    ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_bad_uploads_get_4xx_json_and_the_server_keeps_serving(
     client: TestClient, name: str, data: bytes, status: int
