@@ -18,8 +18,8 @@ from googlenet.errors import Note, UserError
 from googlenet.model import build
 from googlenet.torchvision_weights import convert_torchvision
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
 from googlenet.training.finetune import apply_init, config_from_init, freeze, read_init
+from googlenet.training.loop import train
 from googlenet.training.optim import make_optimizer
 from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import make_checkpoint, random_image

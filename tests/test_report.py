@@ -13,7 +13,7 @@ from PIL import Image
 from googlenet.cli import main
 from googlenet.insight.report import report_after_training, write_report
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 from tests.conftest import make_run, synth
 
 
@@ -108,10 +108,10 @@ def _train_tiny(out: Path, *extra: str) -> Any:
 def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path, monkeypatch):
     import googlenet.infer.evaluate
     import googlenet.insight.report
-    from googlenet.training import engine
+    from googlenet.training import validation
 
     reporting: list[bool] = []  # non-empty while the report is being built
-    build, validate = googlenet.insight.report.build_report, engine.validate
+    build, validate = googlenet.insight.report.build_report, validation.validate
 
     def watched_build(*a, **k):
         reporting.append(True)
@@ -125,7 +125,7 @@ def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path,
         return validate(*a, **k)
 
     monkeypatch.setattr(googlenet.insight.report, "build_report", watched_build)
-    monkeypatch.setattr(engine, "validate", watched_validate)
+    monkeypatch.setattr(validation, "validate", watched_validate)
     monkeypatch.setattr(googlenet.infer.evaluate, "evaluate", watched_validate)
     result = _train_tiny(tmp_path / "run", "tta=flip")
     text = (tmp_path / "run" / "report.html").read_text()

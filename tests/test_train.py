@@ -8,10 +8,11 @@ import torch
 from googlenet.checkpoint import load_checkpoint, load_model
 from googlenet.cli import main
 from googlenet.errors import UserError
-from googlenet.training import engine
+from googlenet.training import loop, setup, validation
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import TrainingDiverged, train
+from googlenet.training.loop import train
 from googlenet.training.optim import WeightAverage
+from googlenet.training.state import TrainingDiverged
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from tests.conftest import SPEEDRUN_OFF, synth
 
@@ -110,17 +111,17 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, speed):
     straight = train(tiny_cfg(tmp_path / "a", *extra), progress=False, **data)
 
     killed = tiny_cfg(tmp_path / "b", *extra)
-    real_reseed = engine._reseed
+    real_reseed = loop._reseed
 
     def die_in_epoch_2(cfg, epoch, rank):
         if epoch == 1:
             raise KeyboardInterrupt
         real_reseed(cfg, epoch, rank)
 
-    monkeypatch.setattr(engine, "_reseed", die_in_epoch_2)
+    monkeypatch.setattr(loop, "_reseed", die_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(killed, progress=False, **data)
-    monkeypatch.setattr(engine, "_reseed", real_reseed)
+    monkeypatch.setattr(loop, "_reseed", real_reseed)
     assert load_checkpoint(tmp_path / "b" / "run")[1].training.epoch == 1
     resumed = train(killed, progress=False, resume=True, **data)
 
@@ -174,7 +175,7 @@ def test_diverged_run_exits_3_from_the_cli(monkeypatch, capsys):
     def diverge(*args, **kwargs):
         raise TrainingDiverged("loss is nan at epoch 1 step 3")
 
-    monkeypatch.setattr(engine, "train", diverge)
+    monkeypatch.setattr(loop, "train", diverge)
     assert main(["train", "--quiet", "--set", "epochs=1"]) == 3
     assert "loss is nan" in capsys.readouterr().err
 
@@ -247,16 +248,16 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
     (reporting only); other validation data (here: given sets) keeps the highest score."""
     if split:
         sets = (synth(32, 0), synth(16, 1), {"dataset": "cifar10", "split": split})
-        monkeypatch.setattr(engine, "_load_data", lambda *a, **k: sets)
+        monkeypatch.setattr(setup, "_load_data", lambda *a, **k: sets)
     falling = iter([60.0, 50.0, 40.0])
-    real = engine.validate
+    real = validation.validate
 
     def validate(*a, **k):
         result = real(*a, **k)
         result[0]["val_acc"] = next(falling)
         return result
 
-    monkeypatch.setattr(engine, "validate", validate)
+    monkeypatch.setattr(validation, "validate", validate)
     cfg = tiny_cfg(tmp_path, "epochs=3", "eval_every=1", "tta=none", "serve_weights=model")
     given = {} if split else {"train_set": synth(32, 0), "val_set": synth(16, 1)}
     result = train(cfg, progress=False, **given)

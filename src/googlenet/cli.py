@@ -127,7 +127,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from googlenet.training import runs
     from googlenet.training.config import DEFAULT_RECIPE, resolve_config
-    from googlenet.training.engine import TrainingDiverged, train
+    from googlenet.training.loop import train
+    from googlenet.training.state import TrainingDiverged
 
     overrides = list(args.overrides)
     config_file = args.config
