@@ -35,7 +35,6 @@ PENDING_MODULES = {
 }
 PENDING_FUNCTIONS = {
     "googlenet.data.shards.write_shards",
-    "googlenet.training.config.TrainConfig.validate",
     "googlenet.serve.create_app",
     "googlenet.infer.evaluate.evaluate",
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from googlenet.errors import UserError, note
+from googlenet.model import BLOCKS, get_spec, list_variants
 
 DEFAULT_RECIPE = "cifar10-fast"
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -170,8 +171,13 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked when they are set); return self."""
-        from googlenet.model import list_variants
+        self._check_values()
+        self._check_model_keys()
+        self._check_run_keys()
+        return self
 
+    def _check_values(self) -> None:
+        """Names from a list, finite floats, numbers in their ranges."""
         if self.variant not in list_variants():
             raise UserError(
                 f"config key 'variant': unknown variant {self.variant!r}; "
@@ -191,13 +197,13 @@ class TrainConfig:
             for key in keys:
                 if not _RANGE_TESTS[rule](getattr(self, key)):
                     raise UserError(f"config key {key!r}: must be {rule}, got {getattr(self, key)}")
-        if self.sync_bn:
-            from googlenet.model import get_spec
 
-            if not get_spec(self.variant).batch_norm:
-                raise UserError(
-                    f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
-                )
+    def _check_model_keys(self) -> None:
+        """The model, its input and its initialisation: values that fit one another."""
+        if self.sync_bn and not get_spec(self.variant).batch_norm:
+            raise UserError(
+                f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
+            )
         for key in ("mean", "std"):
             values = getattr(self, key)
             ok = all(math.isfinite(v) and (key == "mean" or v > 0) for v in values)
@@ -216,13 +222,14 @@ class TrainConfig:
                 "config keys 'init' and 'whiten_init' exclude each other "
                 "(whitening would replace conv1's loaded weights)"
             )
-        from googlenet.model import BLOCKS
-
         if self.freeze and self.freeze not in BLOCKS:
             raise UserError(
                 f"config key 'freeze': unknown block {self.freeze!r}; expected one of "
                 f"{', '.join(BLOCKS)} (the names googlenet summary prints)"
             )
+
+    def _check_run_keys(self) -> None:
+        """Dropout, the seed, the recipe name and the weight averaging."""
         for key in ("dropout", "aux_dropout"):  # negative: the variant's default
             if getattr(self, key) >= 1:
                 raise UserError(
@@ -242,7 +249,6 @@ class TrainConfig:
             raise UserError(
                 "config key 'serve_weights': 'ema' needs weight averaging (ema or polyak = true)"
             )
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
