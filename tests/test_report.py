@@ -97,11 +97,17 @@ def test_report_on_a_missing_run_is_a_clear_error(tmp_path: Path, capsys):
 
 
 def _train_tiny(out: Path, *extra: str) -> Any:
+    """A tiny run, then its report as `googlenet train` writes it (cli._run_train)."""
+    import googlenet.insight.report
+
     cfg = resolve_config(
         overrides=[f"out={out}", "epochs=1", "input_size=16", "batch_size=8", "precision=fp32",
                    "channels_last=false", "warmup_min_steps=0", "ema=false", "tta=none", *extra]
     )  # fmt: skip
-    return train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False)
+    result = train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False)
+    assert not (out / "report.html").exists()  # train() writes none: the CLI does
+    googlenet.insight.report.report_after_training(result.out, result.val_set, progress=False)
+    return result
 
 
 @pytest.mark.run_report

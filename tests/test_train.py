@@ -180,6 +180,33 @@ def test_diverged_run_exits_3_from_the_cli(monkeypatch, capsys):
     assert "loss is nan" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "sets, main_rank, reported",
+    [((), True, True), (("report=false",), True, False), ((), False, False)],
+    ids=["report", "report-off", "other-rank"],
+)
+def test_cli_train_writes_the_report_after_training(
+    tmp_path, monkeypatch, sets, main_rank, reported
+):
+    """train() writes no report; `googlenet train` does, from the run's folder and validation
+    set, on rank 0 and unless the config says report = false."""
+    import googlenet.insight.report
+
+    val = synth(4, 1)
+    done = loop.RunResult(tmp_path, 1, {}, -1, 0, main=main_rank, val_set=val)
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: done)
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        googlenet.insight.report, "report_after_training", lambda *a: calls.append(a)
+    )
+    argv = ["train", "--quiet", "--out", str(tmp_path / "run"), *(f"--set={s}" for s in sets)]
+    assert main(argv) == 0
+    assert len(calls) == reported
+    if reported:
+        out, val_set, progress = calls[0]
+        assert out == tmp_path and val_set is val and progress is False
+
+
 def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
     data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
     cfg = tiny_cfg(tmp_path, "epochs=1", "ema=false", "aux_logits=false")

@@ -156,6 +156,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"googlenet train: error: {e}", file=sys.stderr)
         return 3
+    if result.main and cfg.report:  # from what validation recorded; a failure only warns
+        from googlenet.insight.report import report_after_training
+
+        report_after_training(result.out, result.val_set, not args.quiet)
     if not args.quiet and result.best_epoch and result.main:
         print(
             f"done: best val top-1 {result.best_acc:.2f}% at epoch {result.best_epoch}; "

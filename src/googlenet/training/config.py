@@ -162,7 +162,8 @@ class TrainConfig:
     tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
     #   none | flip (the image and its mirror) | flip-shift (those and 1-pixel diagonal shifts,
     #   6 views; tta.input_views); logits averaged. Per-epoch validation stays plain.
-    report: bool = True  # write RUN/report.html at the end from the recorded validation (~seconds)
+    report: bool = True  # googlenet train: write RUN/report.html at the end from the recorded
+    #   validation (~seconds)
     out: str = ""  # run folder; empty: runs/<recipe>
 
     # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by

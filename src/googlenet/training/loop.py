@@ -63,6 +63,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's log row
     model: nn.Module | None = None  # the trained network (averaged weights when EMA/Polyak)
     main: bool = True  # False on DDP ranks other than 0 (which write nothing)
+    val_set: Any = None  # the validation images as validation saw them (for the run's report)
 
 
 def train(
@@ -83,6 +84,8 @@ def train(
     continues from the last checkpoint, or starts afresh when there is none yet. Under torchrun
     (WORLD_SIZE > 1) it runs data-parallel; only rank 0 writes. Raises TrainingDiverged on a
     NaN/inf loss and Interrupted (a KeyboardInterrupt) after saving on Ctrl-C / SIGTERM.
+    `googlenet train` then writes report.html from what the run recorded
+    (insight.report.report_after_training(result.out, result.val_set)).
     """
     cfg.validate()
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -116,7 +119,7 @@ def train(
 
 
 def _train(run: Run) -> RunResult:
-    """The epochs of a set-up run: train, validate, checkpoint; then the report."""
+    """The epochs of a set-up run: train, validate, checkpoint."""
     cfg, d = run.cfg, run.d
     run.trace_file = os.environ.get("GOOGLENET_TRACE") or None
     row: dict[str, Any] = run.log.rows[-1] if run.log.rows else {}
@@ -136,10 +139,6 @@ def _train(run: Run) -> RunResult:
     run.trace("done")
     if d.main and run.progress and run.served:
         print(f"serving the {run.served} weights ({run.served_reason})", file=sys.stderr)
-    if d.main and cfg.report:  # from what validation recorded; a failure only warns
-        from googlenet.insight.report import report_after_training
-
-        report_after_training(run.out, run.val_loader.dataset, run.progress)
     return RunResult(
         out=run.out,
         epochs=cfg.epochs,
@@ -149,6 +148,7 @@ def _train(run: Run) -> RunResult:
         history=list(run.log.rows),
         model=run.judged.eval(),
         main=d.main,
+        val_set=run.val_loader.dataset,
     )
 
 
