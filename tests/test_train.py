@@ -207,6 +207,24 @@ def test_cli_train_writes_the_report_after_training(
         assert out == tmp_path and val_set is val and progress is False
 
 
+def test_resume_restores_the_cuda_rng_state(tmp_path, monkeypatch):
+    """A checkpoint saved with CUDA in use holds the CUDA RNG state (dropout on a GPU), and a
+    resume sets it back, as it does the CPU one. CUDA mocked: the run itself is on the CPU."""
+    data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
+    cfg = tiny_cfg(tmp_path, "epochs=1", "device=cpu", "ema=false")
+    state = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: state.clone())
+    train(cfg, progress=False, **data)
+    groups, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert torch.equal(groups["rng"]["cuda"], state)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a, **k: restored.append(s))
+    train(cfg, progress=False, resume=True, **data)
+    assert len(restored) == 1 and torch.equal(restored[0], state)
+
+
 def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
     data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
     cfg = tiny_cfg(tmp_path, "epochs=1", "ema=false", "aux_logits=false")

@@ -292,6 +292,8 @@ def _apply_state(run: Run, path: Path, groups: dict, meta: CheckpointMeta) -> No
     rng = groups.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():  # dropout on a GPU; rank 0's on every rank
+        torch.cuda.set_rng_state(rng["cuda"])
     best = state.best
     run.best_acc, run.best_epoch = float(best.get("val_acc", -1.0)), int(best.get("epoch", 0))
     run.start_epoch, run.start_step = state.epoch, state.step
