@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from googlenet.errors import UserError, note
 from googlenet.model import BLOCKS, get_spec, list_variants
@@ -62,6 +62,8 @@ RANGES: dict[str, tuple[str, ...]] = {
 REMOVED_KEYS = {"optimizer": "SGD is the only optimizer"}
 # Values older versions accepted that now have one name: key -> {old: new}.
 RENAMED_VALUES = {"schedule": {"linear": "onecycle"}, "tta": {"flip_shift": "flip-shift"}}
+# TrainConfig fields that are no config keys (not set by name, not saved).
+NOT_KEYS = ("user_keys",)
 
 
 @dataclass
@@ -167,8 +169,9 @@ class TrainConfig:
     out: str = ""  # run folder; empty: runs/<recipe>
 
     # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by
-    # resolve_config. They win over what an `init` checkpoint supplies. Not saved.
-    user_keys: ClassVar[frozenset[str]] = frozenset()
+    # resolve_config. They win over what an `init` checkpoint supplies. A field, so that
+    # dataclasses.replace keeps it, but no config key: never set by name, saved or compared.
+    user_keys: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked when they are set); return self."""
@@ -252,12 +255,17 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config keys and their values (what config.toml and checkpoints hold)."""
+        values = dataclasses.asdict(self)
+        for key in NOT_KEYS:
+            del values[key]
+        return values
 
 
 FIELD_TYPES: dict[str, type] = {
     f.name: {"str": str, "int": int, "float": float, "bool": bool, "list[float]": list}[str(f.type)]
     for f in fields(TrainConfig)
+    if f.name not in NOT_KEYS
 }
 
 
