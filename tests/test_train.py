@@ -225,6 +225,23 @@ def test_resume_restores_the_cuda_rng_state(tmp_path, monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0], state)
 
 
+@pytest.mark.parametrize(
+    "picks_best, says",
+    [
+        (True, "done: best val top-1 84.35% at epoch 20; checkpoints in "),
+        (False, "done: final val top-1 83.05% (epoch 25; on a test split the checkpoint kept is "
+                "the latest); checkpoints in "),
+    ],
+    ids=["best", "test-split"],
+)  # fmt: skip
+def test_cli_says_which_checkpoint_it_kept(tmp_path, monkeypatch, capsys, picks_best, says):
+    acc, epoch = (84.35, 20) if picks_best else (83.05, 25)
+    done = loop.RunResult(tmp_path, 25, {}, acc, epoch, picks_best=picks_best)
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: done)
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", "report=false"]) == 0
+    assert says in capsys.readouterr().err
+
+
 def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
     data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
     cfg = tiny_cfg(tmp_path, "epochs=1", "ema=false", "aux_logits=false")
@@ -308,3 +325,4 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
     result = train(cfg, progress=False, **given)
     _, meta = load_checkpoint(result.out / "best.safetensors")
     assert result.best_epoch == meta.training.epoch == picked
+    assert result.picks_best is (split is None)

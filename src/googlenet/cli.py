@@ -10,9 +10,12 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from googlenet.errors import Note, UserError
+
+if TYPE_CHECKING:
+    from googlenet.training.loop import RunResult
 
 Handler = Callable[[argparse.Namespace], int]
 # Each section below defines one sub-command and appends its `_add_*` function here.
@@ -161,12 +164,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
         report_after_training(result.out, result.val_set, not args.quiet)
     if not args.quiet and result.best_epoch and result.main:
-        print(
-            f"done: best val top-1 {result.best_acc:.2f}% at epoch {result.best_epoch}; "
-            f"checkpoints in {result.out}",
-            file=sys.stderr,
-        )
+        print(f"done: {_kept(result)}; checkpoints in {result.out}", file=sys.stderr)
     return 0
+
+
+def _kept(result: RunResult) -> str:
+    """What the checkpoint train kept scored: a test split reports but never picks."""
+    acc, epoch = f"val top-1 {result.best_acc:.2f}%", result.best_epoch
+    if result.picks_best:
+        return f"best {acc} at epoch {epoch}"
+    return f"final {acc} (epoch {epoch}; on a test split the checkpoint kept is the latest)"
 
 
 COMMANDS.append(_add_train)

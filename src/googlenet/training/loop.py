@@ -64,6 +64,7 @@ class RunResult:
     model: nn.Module | None = None  # the trained network (averaged weights when EMA/Polyak)
     main: bool = True  # False on DDP ranks other than 0 (which write nothing)
     val_set: Any = None  # the validation images as validation saw them (for the run's report)
+    picks_best: bool = True  # False on a test split: best.safetensors is the latest validated
 
 
 def train(
@@ -149,6 +150,7 @@ def _train(run: Run) -> RunResult:
         model=run.judged.eval(),
         main=d.main,
         val_set=run.val_loader.dataset,
+        picks_best=not run.on_test_split,
     )
 
 
