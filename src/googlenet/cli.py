@@ -82,16 +82,16 @@ COMMANDS.append(_add_download)
 
 # --- train ---
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from googlenet.training.config import DEFAULT_RECIPE, list_recipes
+
     p = sub.add_parser(
         "train",
-        help="train a network (default recipe: cifar10-fast)",
+        help=f"train a network (default recipe: {DEFAULT_RECIPE})",
         description="Train per a recipe or config file, with --set key=value overrides. "
         "Under torchrun (torchrun --nproc_per_node=N -m googlenet train ...) it runs DDP.",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--recipe", default=None, help="shipped recipe: cifar10-fast, article, paper, finetune"
-    )
+    src.add_argument("--recipe", default=None, help=f"shipped recipe: {', '.join(list_recipes())}")
     src.add_argument("--config", default=None, help="a TOML config file (e.g. a run's config.toml)")
     p.add_argument(
         "--set",
