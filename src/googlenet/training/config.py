@@ -90,8 +90,9 @@ class TrainConfig:
     #   from train_crop's toward input_size (2 at 0.75 of 32: 24 then 28, then 32)
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
-    limit_train: int = 0  # use only the first N training images (0: all) for quick runs
-    limit_val: int = 0  # use only the first N validation images (0: all)
+    limit_train: int = 0  # quick runs: train on N training images (0: all), a sample drawn with
+    #   `seed` and stratified by class (each class keeps its share)
+    limit_val: int = 0  # validate on N validation images (0: all), sampled the same way
     mean: list[float] = field(default_factory=list)  # per-channel mean (0..1); []: data set's
     std: list[float] = field(default_factory=list)  # per-channel std (0..1); []: data set's
     max_bad_images: float = 0.01  # folder data: unreadable images are skipped up to this share
@@ -159,7 +160,8 @@ class TrainConfig:
     # --- run ---
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 2  # validate every N epochs (and always after the last)
-    holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
+    holdout: int = 0  # validate on N training images held out (a seeded, stratified sample)
+    #   instead of val/test
     checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
     tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
     #   none | flip (the image and its mirror) | flip-shift (those and 1-pixel diagonal shifts,
