@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from googlenet.training import loop, setup, validation
 from googlenet.training.config import resolve_config
 from googlenet.training.loop import train
 from googlenet.training.optim import WeightAverage
+from googlenet.training.setup import model_args
 from googlenet.training.state import TrainingDiverged
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from tests.conftest import SPEEDRUN_OFF, synth
@@ -326,3 +328,14 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
     _, meta = load_checkpoint(result.out / "best.safetensors")
     assert result.best_epoch == meta.training.epoch == picked
     assert result.picks_best is (split is None)
+
+
+def test_model_args_come_from_the_config_alone():
+    """build()'s arguments as checkpoints record them: from the config only (an init
+    checkpoint's transform_input reaches it through finetune.config_from_init)."""
+    assert list(inspect.signature(model_args).parameters) == ["cfg", "num_classes"]
+    for on in (False, True):
+        cfg = resolve_config(overrides=[f"transform_input={str(on).lower()}", "dropout=0.2"])
+        args = model_args(cfg, 7)
+        assert args == {"variant": "cifar", "num_classes": 7, "aux_logits": True,
+                        "transform_input": on, "dropout": 0.2}  # fmt: skip

@@ -34,16 +34,14 @@ from googlenet.training.state import Run, restore
 from googlenet.transforms import Preprocess, working_size
 
 
-def model_args(cfg: TrainConfig, num_classes: int, transform_input: bool = False) -> dict[str, Any]:
+def model_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     """build() arguments, as stored in the checkpoint's meta.model (all of them that matter)."""
     args: dict[str, Any] = {
         "variant": cfg.variant,
         "num_classes": num_classes,
         "aux_logits": cfg.aux_logits,
-        "transform_input": transform_input,
+        "transform_input": cfg.transform_input,
     }
-    if cfg.transform_input:
-        args["transform_input"] = True
     if cfg.dropout >= 0:
         args["dropout"] = cfg.dropout
     if cfg.aux_dropout >= 0:
