@@ -17,7 +17,7 @@ import time
 
 from googlenet.data import load_cifar, resolve_data_root
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 # Each idea: a name and its --set overrides on top of the recipe.
 IDEAS: dict[str, list[str]] = {

@@ -33,7 +33,7 @@ from PIL import Image
 
 from googlenet.data import ArrayDataset, load_cifar
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 PRETRAIN = (0, 1, 2, 3, 4)  # airplane, automobile, bird, cat, deer

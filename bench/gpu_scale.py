@@ -23,7 +23,7 @@ from bench_decode import encode, synthetic_photo
 from googlenet.data import ArrayDataset
 from googlenet.data.shards import write_shards
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 CLASSES = 10
 BASE = ["variant=bn", "input_size=224", "batch_size=256", "epochs=2", "ema=false",

@@ -11,7 +11,7 @@ import torch
 
 from googlenet.data import ArrayDataset
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 12800
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), flush=True)

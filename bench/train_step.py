@@ -4,7 +4,7 @@ network, for the `cifar` variant at 32 and `bn` / `article` at 224. Prints a mar
 
     python bench/train_step.py [--variants cifar,bn,article] [--steps 12] [--batch 0]
 
-"engine": googlenet.training.engine.train() on synthetic in-memory data (the real loop: loader,
+"engine": googlenet.training.loop.train() on synthetic in-memory data (the real loop: loader,
 autocast, channels_last, aux losses, EMA/optimizer of the variant's recipe), images/s of its
 second epoch.
 "naive": model(x) + cross-entropy + SGD step in fp32 NCHW eager, no aux loss.
@@ -25,7 +25,7 @@ from googlenet.errors import UserError
 from googlenet.model import build, get_spec
 from googlenet.summary import count_macs
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 RECIPE = {"cifar": "cifar10-fast", "bn": "finetune", "article": "article"}
 

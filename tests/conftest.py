@@ -61,8 +61,8 @@ def cifar_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_run_report(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training in tests skips its end-of-run report (seconds per run, dozens of runs) unless
-    the test is marked run_report; the report's own tests cover it."""
+    """`googlenet train` in tests skips its end-of-run report (seconds per run) unless the test
+    is marked run_report; the report's own tests cover it. (`train()` itself writes none.)"""
     if request.node.get_closest_marker("run_report") is None:
         import googlenet.insight.report
 

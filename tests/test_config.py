@@ -180,3 +180,13 @@ def test_cli_usage_errors_are_one_line_too(capsys, argv, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert lines[0].endswith("--help)")
+
+
+def test_recipe_help_lists_every_shipped_recipe(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: no name broken at a hyphen
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    line = next(
+        s for s in capsys.readouterr().out.splitlines() if s.lstrip().startswith("--recipe")
+    )
+    assert list_recipes() and all(name in line for name in list_recipes()), line

@@ -29,7 +29,7 @@ from PIL import Image
 
 from googlenet.checkpoint import load_checkpoint
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and fp32 on one thread: fast, and bit-reproducible across processes.

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from googlenet.checkpoint import load_checkpoint
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 from tests.conftest import synth
 
 OVERRIDES = [

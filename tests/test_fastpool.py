@@ -177,7 +177,7 @@ def test_pools_the_kernel_does_not_take_stay_aten():
 def test_training_with_the_kernel_matches_aten(tmp_path):
     """A bf16 channels-last run trains bit-identically with and without the kernel."""
     from googlenet.training.config import resolve_config
-    from googlenet.training.engine import train
+    from googlenet.training.loop import train
     from tests.conftest import synth
 
     results = {}

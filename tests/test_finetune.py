@@ -17,9 +17,9 @@ from googlenet.data import ArrayDataset
 from googlenet.errors import Note, UserError
 from googlenet.model import build
 from googlenet.torchvision_weights import convert_torchvision
-from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.config import resolve_config, to_toml
 from googlenet.training.finetune import apply_init, config_from_init, freeze, read_init
+from googlenet.training.loop import train
 from googlenet.training.optim import make_optimizer
 from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import make_checkpoint, random_image
@@ -160,6 +160,22 @@ def test_checkpoint_options_yield_to_keys_the_user_sets(tmp_path):
     user = resolve_config("finetune", overrides=["mean=[0.1, 0.2, 0.3]", "variant=bn"])
     cfg = config_from_init(user, src)
     assert cfg.mean == [0.1, 0.2, 0.3] and cfg.variant == "bn" and cfg.input_size == 40
+
+
+def test_keys_the_user_set_survive_the_init_checkpoint(tmp_path):
+    """What the user set (user_keys) outlives config_from_init, so validate() still refuses
+    whiten_init=true set by the user next to init; it is no config key and never saved."""
+    ckpt = make_checkpoint(tmp_path / "c.safetensors")
+    cfg = resolve_config(overrides=["whiten_init=true", "epochs=3"])
+    cfg.init = str(ckpt)  # as if given with it (resolve_config already refuses that pair)
+    filled = config_from_init(cfg, read_init(ckpt))
+    assert filled.user_keys == {"whiten_init", "epochs"}
+    with pytest.raises(UserError, match="'init' and 'whiten_init' exclude each other"):
+        filled.validate()
+    assert dataclasses.replace(filled).user_keys == filled.user_keys
+    assert "user_keys" not in filled.to_dict() and "user_keys" not in to_toml(filled)
+    with pytest.raises(UserError, match="unknown config key 'user_keys'"):
+        resolve_config(overrides=["user_keys=[]"])
 
 
 def test_wrong_variant_lists_tensors_unless_partial(tmp_path, capsys, imported_bn):

@@ -16,7 +16,7 @@ from googlenet.data import list_image_folder, load_image_folder, map_classes, st
 from googlenet.errors import UserError
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 from tests.conftest import synth
 
 COLOURS = {"airplane": (200, 40, 40), "automobile": (40, 200, 40), "bird": (40, 40, 200)}

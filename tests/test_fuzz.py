@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from googlenet import cli
 from googlenet.errors import UserError
-from googlenet.training import engine
+from googlenet.training import loop as engine
 from googlenet.training.config import FIELD_TYPES, list_recipes, recipe_values, resolve_config
 
 EXAMPLES = os.environ.get("GOOGLENET_FUZZ_EXAMPLES")

@@ -29,16 +29,9 @@ MAX_FUNCTION_LINES = 60
 # Still over the limits while "One house" lands, each to be split; the list only shrinks.
 PENDING_MODULES = {
     "googlenet.cli",
-    "googlenet.training.engine",
 }
-PENDING_FUNCTIONS = {
-    "googlenet.training.engine._setup",
-    "googlenet.training.config.TrainConfig.validate",
-    "googlenet.training.engine.validate",
-}
-PENDING_EDGES = {
-    ("googlenet.training.engine", "googlenet.insight.report"),
-}
+PENDING_FUNCTIONS: set[str] = set()
+PENDING_EDGES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -17,7 +17,8 @@ from PIL import Image
 from googlenet.checkpoint import load_checkpoint
 from googlenet.model import build
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import model_args, train
+from googlenet.training.loop import train
+from googlenet.training.setup import model_args
 from tests.test_ddp import OVERRIDES, _data, _free_port
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -22,9 +22,10 @@ from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
 from googlenet.data import ArrayDataset
 from googlenet.errors import UserError
-from googlenet.training import engine
+from googlenet.training import loop
 from googlenet.training.config import resolve_config
 from googlenet.training.interrupt import Interrupted
+from googlenet.training.state import Run
 
 
 class Trap:
@@ -157,15 +158,15 @@ def cfg_at(out: Path | None, *extra: str):
 
 
 def signal_at(monkeypatch, event: str, signum: int) -> None:
-    """Send `signum` to this process when the engine reaches `event` (e.g. "step-begin 0 2")."""
-    real = engine._Run.trace
+    """Send `signum` to this process when the loop reaches `event` (e.g. "step-begin 0 2")."""
+    real = Run.trace
 
     def trace(self, e: str) -> None:
         real(self, e)
         if e == event:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(engine._Run, "trace", trace)
+    monkeypatch.setattr(Run, "trace", trace)
 
 
 def same_weights(a: Path, b: Path) -> None:
@@ -178,10 +179,10 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    straight = engine.train(cfg_at(tmp_path / "a", "epochs=2"), progress=False, **DATA)
+    straight = loop.train(cfg_at(tmp_path / "a", "epochs=2"), progress=False, **DATA)
     signal_at(monkeypatch, "step-begin 1 2", signal.SIGINT)
     with pytest.raises(Interrupted) as info:
-        engine.train(cfg_at(tmp_path / "b", "epochs=2"), progress=False, **DATA)
+        loop.train(cfg_at(tmp_path / "b", "epochs=2"), progress=False, **DATA)
     assert info.value.exit_code == 130
     assert f"Resume with: googlenet train --resume --out {tmp_path / 'b'}" in str(info.value)
     _, meta = load_checkpoint(tmp_path / "b" / "last.safetensors")
@@ -189,7 +190,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.undo()
     with pytest.warns(UserWarning, match=r"resuming .* from epoch 2 step 3/4"):
-        resumed = engine.train(cfg_at(tmp_path / "b", "epochs=2"), resume=True, progress=False,
+        resumed = loop.train(cfg_at(tmp_path / "b", "epochs=2"), resume=True, progress=False,
                                **DATA)  # fmt: skip
     same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
     assert [r["train_acc"] for r in resumed.history] == [r["train_acc"] for r in straight.history]
@@ -210,18 +211,18 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_works(tmp_path, monk
 
     monkeypatch.setattr(files, "_write", full_disk)
     with pytest.raises(UserError, match=r"last\.safetensors: cannot write \(No space left"):
-        engine.train(cfg_at(run, "epochs=2"), progress=False, **DATA)
+        loop.train(cfg_at(run, "epochs=2"), progress=False, **DATA)
     assert not list(run.glob(".*.tmp"))  # the half-written temp file is gone
     _, meta = load_checkpoint(run / "last.safetensors")  # epoch 1's, intact
     assert (meta.training.epoch, meta.training.step) == (1, 0)
     monkeypatch.undo()  # space freed
-    result = engine.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
+    result = loop.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
     assert [r["epoch"] for r in result.history] == [1, 2]
 
 
 def test_corrupt_checkpoint_is_caught_and_resume_falls_back_to_previous(tmp_path):
     run = tmp_path / "run"
-    engine.train(cfg_at(run, "epochs=2"), progress=False, **DATA)
+    loop.train(cfg_at(run, "epochs=2"), progress=False, **DATA)
     last = run / "last.safetensors"
     raw = bytearray(last.read_bytes())
     raw[-1000:] = bytes(1000)  # the issue's measurement: zeroed tail, header intact
@@ -230,7 +231,7 @@ def test_corrupt_checkpoint_is_caught_and_resume_falls_back_to_previous(tmp_path
         checkpoint.load_model(last)
     assert main(["predict", str(last), str(tmp_path)]) == 2
     with pytest.warns(UserWarning, match=r"does not match.*resuming from .*previous"):
-        result = engine.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
+        result = loop.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
     assert result.history[-1]["epoch"] == 2  # epoch 2 redone from epoch 1's checkpoint
     assert (run / "last.safetensors.damaged").is_file()
     load_checkpoint(run / "last.safetensors")
@@ -240,7 +241,7 @@ def test_old_checkpoints_without_a_checksum_load_with_a_note(tmp_path):
     from safetensors.torch import save
 
     run = tmp_path / "run"
-    engine.train(cfg_at(run, "epochs=1"), progress=False, **DATA)
+    loop.train(cfg_at(run, "epochs=1"), progress=False, **DATA)
     raw = (run / "best.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
     metadata = json.loads(raw[8 : 8 + n])["__metadata__"]
@@ -260,11 +261,11 @@ def load_checkpoint_flat(raw: bytes) -> dict:
 def test_resume_never_unpickles(tmp_path):
     sentinel = tmp_path / "pwned"
     run = tmp_path / "run"
-    engine.train(cfg_at(run, "epochs=1"), progress=False, **DATA)
+    loop.train(cfg_at(run, "epochs=1"), progress=False, **DATA)
     for name in ("last.safetensors", "previous.safetensors"):  # both candidates booby-trapped
         (run / name).write_bytes(trap_bytes(sentinel))
     with pytest.raises(UserError, match=r"last\.safetensors: not a readable googlenet checkpoint"):
-        engine.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
+        loop.train(cfg_at(run, "epochs=2"), resume=True, progress=False, **DATA)
     assert not sentinel.exists()
 
 
@@ -277,20 +278,20 @@ def test_init_never_unpickles(tmp_path):
     renamed.write_bytes(trap_bytes(sentinel))
     for init in (pth, renamed):
         with pytest.raises(UserError, match=init.name):
-            engine.train(cfg_at(tmp_path / f"run-{init.stem}", "epochs=1", f"init={init}"),
+            loop.train(cfg_at(tmp_path / f"run-{init.stem}", "epochs=1", f"init={init}"),
                          progress=False, **DATA)  # fmt: skip
     assert not sentinel.exists()
 
 
 def test_run_folders_are_never_silently_overwritten(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    first = engine.train(cfg_at(None, "epochs=1"), progress=False, **DATA)
-    second = engine.train(cfg_at(None, "epochs=1"), progress=False, **DATA)
+    first = loop.train(cfg_at(None, "epochs=1"), progress=False, **DATA)
+    second = loop.train(cfg_at(None, "epochs=1"), progress=False, **DATA)
     assert (first.out, second.out) == (Path("runs/cifar10-fast"), Path("runs/cifar10-fast-2"))
     assert "run folder: runs/cifar10-fast-2" in capsys.readouterr().err
     kept = (first.out / "best.safetensors").read_bytes()
     with pytest.raises(UserError, match="already holds a run"):
-        engine.train(cfg_at(first.out, "epochs=1"), progress=False, **DATA)
+        loop.train(cfg_at(first.out, "epochs=1"), progress=False, **DATA)
     assert (first.out / "best.safetensors").read_bytes() == kept
     # a live process's lock refuses a second run; a dead one's is taken over
     import subprocess
@@ -301,12 +302,12 @@ def test_run_folders_are_never_silently_overwritten(tmp_path, monkeypatch, capsy
         owner = {"pid": sleeper.pid, "host": __import__("socket").gethostname()}
         (first.out / ".lock").write_text(json.dumps(owner))
         with pytest.raises(UserError, match=f"in use by process {sleeper.pid}"):
-            engine.train(cfg_at(first.out, "epochs=1"), resume=True, progress=False, **DATA)
+            loop.train(cfg_at(first.out, "epochs=1"), resume=True, progress=False, **DATA)
     finally:
         sleeper.kill()
         sleeper.wait()
     with pytest.warns(UserWarning, match="took over"):
-        engine.train(cfg_at(first.out, "epochs=1"), overwrite=True, progress=False, **DATA)
+        loop.train(cfg_at(first.out, "epochs=1"), overwrite=True, progress=False, **DATA)
     assert not (first.out / ".lock").exists()
 
 

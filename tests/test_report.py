@@ -14,7 +14,7 @@ from PIL import Image
 from googlenet.cli import main
 from googlenet.insight.report import report_after_training, write_report
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
+from googlenet.training.loop import train
 from tests.conftest import make_run, synth
 
 
@@ -137,21 +137,27 @@ def test_report_summary_and_confusion_name_the_recorded_tta(tmp_path: Path, monk
 
 
 def _train_tiny(out: Path, *extra: str) -> Any:
+    """A tiny run, then its report as `googlenet train` writes it (cli._run_train)."""
+    import googlenet.insight.report
+
     cfg = resolve_config(
         overrides=[f"out={out}", "epochs=1", "input_size=16", "batch_size=8", "precision=fp32",
                    "channels_last=false", "warmup_min_steps=0", "ema=false", "tta=none", *extra]
     )  # fmt: skip
-    return train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False)
+    result = train(cfg, train_set=synth(8, 0), val_set=synth(12, 1), progress=False)
+    assert not (out / "report.html").exists()  # train() writes none: the CLI does
+    googlenet.insight.report.report_after_training(result.out, result.val_set, progress=False)
+    return result
 
 
 @pytest.mark.run_report
 def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path, monkeypatch):
     import googlenet.infer.evaluate
     import googlenet.insight.report
-    from googlenet.training import engine
+    from googlenet.training import validation
 
     reporting: list[bool] = []  # non-empty while the report is being built
-    build, validate = googlenet.insight.report.build_report, engine.validate
+    build, validate = googlenet.insight.report.build_report, validation.validate
 
     def watched_build(*a, **k):
         reporting.append(True)
@@ -165,7 +171,7 @@ def test_training_writes_the_report_from_its_recorded_validation(tmp_path: Path,
         return validate(*a, **k)
 
     monkeypatch.setattr(googlenet.insight.report, "build_report", watched_build)
-    monkeypatch.setattr(engine, "validate", watched_validate)
+    monkeypatch.setattr(validation, "validate", watched_validate)
     monkeypatch.setattr(googlenet.infer.evaluate, "evaluate", watched_validate)
     result = _train_tiny(tmp_path / "run", "tta=flip")
     text = (tmp_path / "run" / "report.html").read_text()

@@ -12,8 +12,8 @@ from googlenet.checkpoint import load_checkpoint, load_model, model_from_meta
 from googlenet.errors import UserError
 from googlenet.infer.evaluate import load_members
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
 from googlenet.training.finetune import read_init
+from googlenet.training.loop import train
 from googlenet.training.optim import serve_rule
 from tests.conftest import synth
 

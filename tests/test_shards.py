@@ -219,7 +219,7 @@ def test_shards_split_by_rank(tmp_path):
 
 def test_train_from_shards(tmp_path):
     from googlenet.training.config import resolve_config
-    from googlenet.training.engine import train
+    from googlenet.training.loop import train
 
     make_folder(tmp_path / "data", n_train=4, n_val=2)
     write_shards(tmp_path / "data", tmp_path / "shards", shard_size_mb=0.05, workers=1)

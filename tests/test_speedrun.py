@@ -15,8 +15,9 @@ from googlenet.data.loader import BatchLoader
 from googlenet.errors import UserError
 from googlenet.model import build
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import train
-from googlenet.training.optim import Lookahead, lr_at, whiten_conv1
+from googlenet.training.loop import train
+from googlenet.training.optim import lr_at
+from googlenet.training.speedrun import Lookahead, whiten_conv1
 from googlenet.transforms import Preprocess
 from tests.conftest import synth
 
@@ -317,11 +318,11 @@ def test_train_crop_trains_on_smaller_crops_and_validates_at_input_size(
 
 
 def test_fractional_epochs_end_the_last_pass_early_with_the_schedule(tmp_path, monkeypatch):
-    import googlenet.training.engine as engine
+    import googlenet.training.loop as loop
 
     lrs: list[float] = []
-    set_lr = engine.set_lr
-    monkeypatch.setattr(engine, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr)))
+    set_lr = loop.set_lr
+    monkeypatch.setattr(loop, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr)))
     built: list[int] = []  # training batches the loader built (validation passes no augment)
     transform = BatchLoader.transform
     monkeypatch.setattr(
@@ -372,16 +373,16 @@ def test_final_flip_tta_reuses_the_plain_pass_for_its_first_view(tmp_path, monke
 
 
 def test_validation_abandoned_in_a_cut_short_pass_saves_that_pass_as_done(tmp_path, monkeypatch):
-    import googlenet.training.engine as engine
+    import googlenet.training.validation as validation
     from googlenet.training.interrupt import Interrupted
 
-    real = engine.validate
-    monkeypatch.setattr(engine, "validate", lambda *a, **k: None)  # as if Ctrl-C came in it
+    real = validation.validate
+    monkeypatch.setattr(validation, "validate", lambda *a, **k: None)  # as if Ctrl-C came in it
     with pytest.raises(Interrupted):
         run(tmp_path, "epochs=1.5")  # 48 images, batch 8: 6 steps, then 3 of the next 6
     state = load_checkpoint(tmp_path / "run" / "last.safetensors")[1].training
     assert (state.epoch, state.step) == (1, 3)  # the cut-short pass's 3 steps, not 6
-    monkeypatch.setattr(engine, "validate", real)
+    monkeypatch.setattr(validation, "validate", real)
     cfg = tiny(tmp_path, "epochs=1.5")
     res = train(cfg, train_set=synth(48, 0), val_set=synth(16, 1), progress=False, resume=True)
     assert "val_acc" in res.history[-1]
@@ -414,10 +415,10 @@ def test_keep_freed_memory_serves_large_tensors_from_the_kept_heap():
 
 
 def test_keep_freed_memory_is_a_config_key_applied_on_cpu_runs(tmp_path, monkeypatch):
-    import googlenet.training.engine as engine
+    import googlenet.training.setup as setup
 
     calls = []
-    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(setup, "keep_freed_memory", lambda: calls.append(1) or True)
     run(tmp_path, "keep_freed_memory=false", "epochs=1")
     assert calls == []
     run(tmp_path / "b", "epochs=1")

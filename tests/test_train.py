@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -9,10 +10,12 @@ from googlenet.checkpoint import load_checkpoint, load_model
 from googlenet.cli import main
 from googlenet.data import build
 from googlenet.errors import UserError
-from googlenet.training import engine
+from googlenet.training import loop, validation
 from googlenet.training.config import resolve_config
-from googlenet.training.engine import TrainingDiverged, train
+from googlenet.training.loop import train
 from googlenet.training.optim import WeightAverage
+from googlenet.training.setup import model_args
+from googlenet.training.state import TrainingDiverged
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
 from tests.conftest import SPEEDRUN_OFF, synth
 
@@ -111,17 +114,17 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, speed):
     straight = train(tiny_cfg(tmp_path / "a", *extra), progress=False, **data)
 
     killed = tiny_cfg(tmp_path / "b", *extra)
-    real_reseed = engine._reseed
+    real_reseed = loop._reseed
 
     def die_in_epoch_2(cfg, epoch, rank):
         if epoch == 1:
             raise KeyboardInterrupt
         real_reseed(cfg, epoch, rank)
 
-    monkeypatch.setattr(engine, "_reseed", die_in_epoch_2)
+    monkeypatch.setattr(loop, "_reseed", die_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(killed, progress=False, **data)
-    monkeypatch.setattr(engine, "_reseed", real_reseed)
+    monkeypatch.setattr(loop, "_reseed", real_reseed)
     assert load_checkpoint(tmp_path / "b" / "run")[1].training.epoch == 1
     resumed = train(killed, progress=False, resume=True, **data)
 
@@ -175,9 +178,71 @@ def test_diverged_run_exits_3_from_the_cli(monkeypatch, capsys):
     def diverge(*args, **kwargs):
         raise TrainingDiverged("loss is nan at epoch 1 step 3")
 
-    monkeypatch.setattr(engine, "train", diverge)
+    monkeypatch.setattr(loop, "train", diverge)
     assert main(["train", "--quiet", "--set", "epochs=1"]) == 3
     assert "loss is nan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sets, main_rank, reported",
+    [((), True, True), (("report=false",), True, False), ((), False, False)],
+    ids=["report", "report-off", "other-rank"],
+)
+def test_cli_train_writes_the_report_after_training(
+    tmp_path, monkeypatch, sets, main_rank, reported
+):
+    """train() writes no report; `googlenet train` does, from the run's folder and validation
+    set, on rank 0 and unless the config says report = false."""
+    import googlenet.insight.report
+
+    val = synth(4, 1)
+    done = loop.RunResult(tmp_path, 1, {}, -1, 0, main=main_rank, val_set=val)
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: done)
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        googlenet.insight.report, "report_after_training", lambda *a: calls.append(a)
+    )
+    argv = ["train", "--quiet", "--out", str(tmp_path / "run"), *(f"--set={s}" for s in sets)]
+    assert main(argv) == 0
+    assert len(calls) == reported
+    if reported:
+        out, val_set, progress = calls[0]
+        assert out == tmp_path and val_set is val and progress is False
+
+
+def test_resume_restores_the_cuda_rng_state(tmp_path, monkeypatch):
+    """A checkpoint saved with CUDA in use holds the CUDA RNG state (dropout on a GPU), and a
+    resume sets it back, as it does the CPU one. CUDA mocked: the run itself is on the CPU."""
+    data = dict(train_set=synth(16, 0), val_set=synth(8, 1))
+    cfg = tiny_cfg(tmp_path, "epochs=1", "device=cpu", "ema=false")
+    state = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: state.clone())
+    train(cfg, progress=False, **data)
+    groups, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert torch.equal(groups["rng"]["cuda"], state)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a, **k: restored.append(s))
+    train(cfg, progress=False, resume=True, **data)
+    assert len(restored) == 1 and torch.equal(restored[0], state)
+
+
+@pytest.mark.parametrize(
+    "picks_best, says",
+    [
+        (True, "done: best val top-1 84.35% at epoch 20; checkpoints in "),
+        (False, "done: final val top-1 83.05% (epoch 25; on a test split the checkpoint kept is "
+                "the latest); checkpoints in "),
+    ],
+    ids=["best", "test-split"],
+)  # fmt: skip
+def test_cli_says_which_checkpoint_it_kept(tmp_path, monkeypatch, capsys, picks_best, says):
+    acc, epoch = (84.35, 20) if picks_best else (83.05, 25)
+    done = loop.RunResult(tmp_path, 25, {}, acc, epoch, picks_best=picks_best)
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: done)
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", "report=false"]) == 0
+    assert says in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path):
@@ -250,16 +315,28 @@ def test_a_test_split_never_picks_the_best_checkpoint(tmp_path, monkeypatch, spl
         sets = (synth(32, 0), synth(16, 1), {"dataset": "cifar10", "split": split})
         monkeypatch.setattr(build, "load_data", lambda *a, **k: sets)
     falling = iter([60.0, 50.0, 40.0])
-    real = engine.validate
+    real = validation.validate
 
     def validate(*a, **k):
         result = real(*a, **k)
         result[0]["val_acc"] = next(falling)
         return result
 
-    monkeypatch.setattr(engine, "validate", validate)
+    monkeypatch.setattr(validation, "validate", validate)
     cfg = tiny_cfg(tmp_path, "epochs=3", "eval_every=1", "tta=none", "serve_weights=model")
     given = {} if split else {"train_set": synth(32, 0), "val_set": synth(16, 1)}
     result = train(cfg, progress=False, **given)
     _, meta = load_checkpoint(result.out / "best.safetensors")
     assert result.best_epoch == meta.training.epoch == picked
+    assert result.picks_best is (split is None)
+
+
+def test_model_args_come_from_the_config_alone():
+    """build()'s arguments as checkpoints record them: from the config only (an init
+    checkpoint's transform_input reaches it through finetune.config_from_init)."""
+    assert list(inspect.signature(model_args).parameters) == ["cfg", "num_classes"]
+    for on in (False, True):
+        cfg = resolve_config(overrides=[f"transform_input={str(on).lower()}", "dropout=0.2"])
+        args = model_args(cfg, 7)
+        assert args == {"variant": "cifar", "num_classes": 7, "aux_logits": True,
+                        "transform_input": on, "dropout": 0.2}  # fmt: skip

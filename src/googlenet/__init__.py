@@ -6,7 +6,7 @@ the inference stack; each name below is imported on first use. The layout:
 - core (this folder): model, transforms, checkpoint, files, logs, devices, metrics, tta, fuse,
   fastpool, summary, torchvision_weights, errors
 - data/: CIFAR, image folders, shards, the batch loader, augmentation
-- training/: config and recipes, the engine, optimizer, fine-tuning, run folders
+- training/: config and recipes, the training loop, optimizer, speed-run, fine-tuning, runs
 - infer/: load and predict, evaluate, export
 - insight/: branch usage, Grad-CAM, feature visualisation, the run report
 - front doors: cli, serve, __main__
@@ -38,15 +38,15 @@ from googlenet.summary import summary
 if TYPE_CHECKING:
     from googlenet.infer.inference import Prediction, Predictor, load
     from googlenet.training.config import TrainConfig, resolve_config
-    from googlenet.training.engine import RunResult, train
+    from googlenet.training.loop import RunResult, train
 
 # Public names imported on first use: name -> module that defines it.
 _LAZY = {
     "Prediction": "googlenet.infer.inference",
     "Predictor": "googlenet.infer.inference",
     "load": "googlenet.infer.inference",
-    "RunResult": "googlenet.training.engine",
-    "train": "googlenet.training.engine",
+    "RunResult": "googlenet.training.loop",
+    "train": "googlenet.training.loop",
     "TrainConfig": "googlenet.training.config",
     "resolve_config": "googlenet.training.config",
 }
@@ -63,7 +63,7 @@ MOVED = {
     "shards": "googlenet.data.shards",
     "config": "googlenet.training.config",
     "distributed": "googlenet.training.distributed",
-    "engine": "googlenet.training.engine",
+    "engine": "googlenet.training",  # split: its public names are the package's
     "finetune": "googlenet.training.finetune",
     "interrupt": "googlenet.training.interrupt",
     "logs": "googlenet.logs",

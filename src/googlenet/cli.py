@@ -10,9 +10,12 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from googlenet.errors import Note, UserError
+
+if TYPE_CHECKING:
+    from googlenet.training.loop import RunResult
 
 Handler = Callable[[argparse.Namespace], int]
 # Each section below defines one sub-command and appends its `_add_*` function here.
@@ -79,16 +82,16 @@ COMMANDS.append(_add_download)
 
 # --- train ---
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from googlenet.training.config import DEFAULT_RECIPE, list_recipes
+
     p = sub.add_parser(
         "train",
-        help="train a network (default recipe: cifar10-fast)",
+        help=f"train a network (default recipe: {DEFAULT_RECIPE})",
         description="Train per a recipe or config file, with --set key=value overrides. "
         "Under torchrun (torchrun --nproc_per_node=N -m googlenet train ...) it runs DDP.",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--recipe", default=None, help="shipped recipe: cifar10-fast, article, paper, finetune"
-    )
+    src.add_argument("--recipe", default=None, help=f"shipped recipe: {', '.join(list_recipes())}")
     src.add_argument("--config", default=None, help="a TOML config file (e.g. a run's config.toml)")
     p.add_argument(
         "--set",
@@ -127,7 +130,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from googlenet.training import runs
     from googlenet.training.config import DEFAULT_RECIPE, resolve_config
-    from googlenet.training.engine import TrainingDiverged, train
+    from googlenet.training.loop import train
+    from googlenet.training.state import TrainingDiverged
 
     overrides = list(args.overrides)
     config_file = args.config
@@ -155,13 +159,21 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"googlenet train: error: {e}", file=sys.stderr)
         return 3
+    if result.main and cfg.report:  # from what validation recorded; a failure only warns
+        from googlenet.insight.report import report_after_training
+
+        report_after_training(result.out, result.val_set, not args.quiet)
     if not args.quiet and result.best_epoch and result.main:
-        print(
-            f"done: best val top-1 {result.best_acc:.2f}% at epoch {result.best_epoch}; "
-            f"checkpoints in {result.out}",
-            file=sys.stderr,
-        )
+        print(f"done: {_kept(result)}; checkpoints in {result.out}", file=sys.stderr)
     return 0
+
+
+def _kept(result: RunResult) -> str:
+    """What the checkpoint train kept scored: a test split reports but never picks."""
+    acc, epoch = f"val top-1 {result.best_acc:.2f}%", result.best_epoch
+    if result.picks_best:
+        return f"best {acc} at epoch {epoch}"
+    return f"final {acc} (epoch {epoch}; on a test split the checkpoint kept is the latest)"
 
 
 COMMANDS.append(_add_train)

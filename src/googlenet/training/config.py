@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from googlenet.data.shards import check_options as check_shard_options
 from googlenet.errors import UserError, note
+from googlenet.model import BLOCKS, get_spec, list_variants
 
 DEFAULT_RECIPE = "cifar10-fast"
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -62,6 +63,8 @@ RANGES: dict[str, tuple[str, ...]] = {
 REMOVED_KEYS = {"optimizer": "SGD is the only optimizer"}
 # Values older versions accepted that now have one name: key -> {old: new}.
 RENAMED_VALUES = {"schedule": {"linear": "onecycle"}, "tta": {"flip_shift": "flip-shift"}}
+# TrainConfig fields that are no config keys (not set by name, not saved).
+NOT_KEYS = ("user_keys",)
 
 
 @dataclass
@@ -88,8 +91,9 @@ class TrainConfig:
     #   from train_crop's toward input_size (2 at 0.75 of 32: 24 then 28, then 32)
     resize: int = 0  # folder/shards: decode to this square (shorter side, centre crop) before the
     #   augmentation and the crop to input_size; 0: 8/7 of input_size (256 for 224)
-    limit_train: int = 0  # use only the first N training images (0: all) for quick runs
-    limit_val: int = 0  # use only the first N validation images (0: all)
+    limit_train: int = 0  # quick runs: train on N training images (0: all), a sample drawn with
+    #   `seed` and stratified by class (each class keeps its share)
+    limit_val: int = 0  # validate on N validation images (0: all), sampled the same way
     mean: list[float] = field(default_factory=list)  # per-channel mean (0..1); []: data set's
     std: list[float] = field(default_factory=list)  # per-channel std (0..1); []: data set's
     max_bad_images: float = 0.01  # folder data: unreadable images are skipped up to this share
@@ -157,22 +161,30 @@ class TrainConfig:
     # --- run ---
     seed: int = 0  # seeds the weights, data order, augmentation and dropout
     eval_every: int = 2  # validate every N epochs (and always after the last)
-    holdout: int = 0  # validate on N training images held out (stratified) instead of val/test
+    holdout: int = 0  # validate on N training images held out (a seeded, stratified sample)
+    #   instead of val/test
     checkpoint_every_s: float = 300.0  # also save last.safetensors mid-epoch every N s (0: off)
     tta: str = "flip"  # the final validation's test-time augmentation, with BatchNorm folded:
     #   none | flip (the image and its mirror) | flip-shift (those and 1-pixel diagonal shifts,
     #   6 views; tta.input_views); logits averaged. Per-epoch validation stays plain.
-    report: bool = True  # write RUN/report.html at the end from the recorded validation (~seconds)
+    report: bool = True  # googlenet train: write RUN/report.html at the end from the recorded
+    #   validation (~seconds)
     out: str = ""  # run folder; empty: runs/<recipe>
 
     # Keys the user set (--set, a --config file) rather than a recipe or the defaults; set by
-    # resolve_config. They win over what an `init` checkpoint supplies. Not saved.
-    user_keys: ClassVar[frozenset[str]] = frozenset()
+    # resolve_config. They win over what an `init` checkpoint supplies. A field, so that
+    # dataclasses.replace keeps it, but no config key: never set by name, saved or compared.
+    user_keys: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked when they are set); return self."""
-        from googlenet.model import list_variants
+        self._check_values()
+        self._check_model_keys()
+        self._check_run_keys()
+        return self
 
+    def _check_values(self) -> None:
+        """Names from a list, finite floats, numbers in their ranges."""
         if self.variant not in list_variants():
             raise UserError(
                 f"config key 'variant': unknown variant {self.variant!r}; "
@@ -192,13 +204,13 @@ class TrainConfig:
             for key in keys:
                 if not _RANGE_TESTS[rule](getattr(self, key)):
                     raise UserError(f"config key {key!r}: must be {rule}, got {getattr(self, key)}")
-        if self.sync_bn:
-            from googlenet.model import get_spec
 
-            if not get_spec(self.variant).batch_norm:
-                raise UserError(
-                    f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
-                )
+    def _check_model_keys(self) -> None:
+        """The model, its input and its initialisation: values that fit one another."""
+        if self.sync_bn and not get_spec(self.variant).batch_norm:
+            raise UserError(
+                f"config key 'sync_bn': variant {self.variant!r} has no BatchNorm to sync"
+            )
         for key in ("mean", "std"):
             values = getattr(self, key)
             ok = all(math.isfinite(v) and (key == "mean" or v > 0) for v in values)
@@ -217,13 +229,14 @@ class TrainConfig:
                 "config keys 'init' and 'whiten_init' exclude each other "
                 "(whitening would replace conv1's loaded weights)"
             )
-        from googlenet.model import BLOCKS
-
         if self.freeze and self.freeze not in BLOCKS:
             raise UserError(
                 f"config key 'freeze': unknown block {self.freeze!r}; expected one of "
                 f"{', '.join(BLOCKS)} (the names googlenet summary prints)"
             )
+
+    def _check_run_keys(self) -> None:
+        """Dropout, the seed, the recipe name and the weight averaging."""
         for key in ("dropout", "aux_dropout"):  # negative: the variant's default
             if getattr(self, key) >= 1:
                 raise UserError(
@@ -244,15 +257,19 @@ class TrainConfig:
                 "config key 'serve_weights': 'ema' needs weight averaging (ema or polyak = true)"
             )
         check_shard_options(self.dataset, self.holdout, self.limit_train, self.limit_val)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config keys and their values (what config.toml and checkpoints hold)."""
+        values = dataclasses.asdict(self)
+        for key in NOT_KEYS:
+            del values[key]
+        return values
 
 
 FIELD_TYPES: dict[str, type] = {
     f.name: {"str": str, "int": int, "float": float, "bool": bool, "list[float]": list}[str(f.type)]
     for f in fields(TrainConfig)
+    if f.name not in NOT_KEYS
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -29,8 +31,6 @@ def init_distributed(device_kind: str) -> tuple[Dist, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), False
-    import torch.distributed as dist
-
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return d, False
@@ -41,8 +41,6 @@ def init_distributed(device_kind: str) -> tuple[Dist, bool]:
 def all_reduce(t: Tensor, d: Dist, op: str = "sum") -> Tensor:
     """In-place sum (or max) over ranks; a no-op on one process."""
     if d.enabled:
-        import torch.distributed as dist
-
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t
 
@@ -50,8 +48,6 @@ def all_reduce(t: Tensor, d: Dist, op: str = "sum") -> Tensor:
 def broadcast_buffers(module: nn.Module, d: Dist) -> None:
     """BN running stats drift apart per rank; validate everywhere with rank 0's."""
     if d.enabled:
-        import torch.distributed as dist
-
         for b in module.buffers():
             dist.broadcast(b, 0)
 
@@ -59,12 +55,8 @@ def broadcast_buffers(module: nn.Module, d: Dist) -> None:
 def gather_by_index(index: Tensor, columns: list[Tensor], d: Dist) -> tuple[Tensor, ...]:
     """Per-sample columns computed on every rank (rank r holds the samples `index`) -> all
     samples on every rank, sorted by index: (index, *columns)."""
-    import torch
-
     parts = [(index, *columns)]
     if d.enabled:
-        import torch.distributed as dist
-
         gathered: list = [None] * d.world_size
         dist.all_gather_object(gathered, parts[0])
         parts = gathered

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from googlenet.checkpoint import load_checkpoint, resolve_checkpoint, served_weights
 from googlenet.errors import UserError
 from googlenet.model import BLOCKS, HEADS
+from googlenet.transforms import Preprocess
 
 if TYPE_CHECKING:
     from googlenet.training.config import TrainConfig
@@ -62,8 +64,6 @@ class InitSource:
 
     def preprocess(self) -> tuple[int, list[float], list[float]]:
         """(input_size, mean, std) the checkpoint's model was validated with."""
-        from googlenet.transforms import Preprocess
-
         pp = _field(self.meta, "preprocess")
         if not isinstance(pp, Preprocess):
             pp = Preprocess.from_dict(pp, str(self.path))
@@ -77,8 +77,6 @@ def _field(meta: Any, name: str) -> Any:
 
 def read_init(path: str | Path) -> InitSource:
     """Read an `init` checkpoint (file or run folder); one-line UserErrors naming the file."""
-    from googlenet.checkpoint import load_checkpoint, resolve_checkpoint
-
     p = Path(path)
     if p.is_file() and p.suffix in (".pth", ".pt", ".pkl", ".bin"):
         raise UserError(
@@ -87,20 +85,13 @@ def read_init(path: str | Path) -> InitSource:
         )
     file = resolve_checkpoint(p)
     groups, meta = load_checkpoint(file)
-    weights = _served(groups, meta)
+    weights = served_weights(groups, meta)  # the one reader of what a checkpoint serves
     if weights not in groups:
         raise UserError(f"{file}: checkpoint has no {weights!r} weights")
     src = InitSource(file, meta, weights, dict(groups[weights]))
     if not isinstance(src.model.get("variant"), str):
         raise UserError(f"{file}: checkpoint metadata names no model variant")
     return src
-
-
-def _served(groups: Mapping[str, Any], meta: Any) -> str:
-    """The weights a checkpoint serves (checkpoint.served_weights, the one reader)."""
-    from googlenet.checkpoint import served_weights
-
-    return served_weights(groups, meta)
 
 
 def config_from_init(cfg: TrainConfig, src: InitSource) -> TrainConfig:

@@ -1,6 +1,7 @@
-"""Optimisation: the learning-rate schedule (set per step), SGD with weight decay on conv/linear
-weights only, EMA / Polyak weight averaging, and the speed-run tricks (BatchNorm options,
-lookahead, patch-whitening initialisation of the first convolution)."""
+"""Optimisation: the step count and learning-rate schedule (set per step), SGD with weight decay
+on conv/linear weights only, EMA / Polyak weight averaging and which weights a run serves. The
+speed-run tricks (BatchNorm options, the BatchNorm biases' larger step, lookahead, whitening
+initialisation) are in speedrun.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from googlenet.errors import UserError
 from googlenet.training.config import TrainConfig
+from googlenet.training.finetune import is_head
+from googlenet.training.speedrun import norm_bias_ids, norm_bias_lr
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -24,6 +26,11 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 def epoch_count(cfg: TrainConfig) -> int:
     """Passes the run starts, the last one possibly cut short."""
     return math.ceil(cfg.epochs)
+
+
+def pass_steps(cfg: TrainConfig, epoch: int, steps_per_epoch: int) -> int:
+    """Steps of pass `epoch`: all of them, except in a last pass that `epochs` cuts short."""
+    return min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - epoch * steps_per_epoch)
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -56,30 +63,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def apply_norm_options(cfg: TrainConfig, model: nn.Module) -> None:
-    """BatchNorm momentum, and scales frozen at 1 (before the optimizer is made)."""
-    for m in _norm_layers(model):
-        m.momentum = cfg.bn_momentum
-        if cfg.freeze_bn_scale and m.weight is not None:
-            with torch.no_grad():
-                m.weight.fill_(1.0)
-            m.weight.requires_grad_(False)
-
-
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD over the trainable parameters (frozen ones are left out): weight decay on
     conv/linear weights only unless decay_norm_bias; BatchNorm biases in a group of their own
     when norm_bias_lr_scale != 1; with backbone_lr_scale != 1 the heads (aux1, aux2, fc) apart
     from the rest. A group's "lr_scale" multiplies the schedule's lr (set_lr)."""
-    from googlenet.training.finetune import is_head
-
-    norm_bias = {id(m.bias) for m in _norm_layers(model) if m.bias is not None}
-    if cfg.norm_bias_lr_scale == 1:
-        norm_bias = set()
+    norm_bias = norm_bias_ids(cfg, model)  # speedrun.py
     split = cfg.backbone_lr_scale != 1
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -88,10 +77,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         head = split and is_head(name)
         scale = 1.0 if head or not split else cfg.backbone_lr_scale
         if id(p) in norm_bias:
-            # airbench's trick: a much larger step for the BN shifts, with the decay scaled
-            # down by the same factor so the decay per step stays as it was.
-            kind, scale = "bias", scale * cfg.norm_bias_lr_scale
-            wd = cfg.weight_decay / cfg.norm_bias_lr_scale if cfg.decay_norm_bias else 0.0
+            kind, (scale, wd) = "bias", norm_bias_lr(cfg, scale)
         elif p.ndim > 1 or cfg.decay_norm_bias:
             kind, wd = "decay", cfg.weight_decay
         else:
@@ -159,59 +145,3 @@ def serve_rule(cfg: TrainConfig, total_steps: int) -> tuple[str | None, str]:
             f"auto: {total_steps} optimizer steps < serve_min_steps {cfg.serve_min_steps}",
         )
     return "ema", f"auto: {total_steps} optimizer steps >= serve_min_steps {cfg.serve_min_steps}"
-
-
-def _float_states(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
-
-
-class Lookahead:
-    """Every `every` steps the slow copy moves toward the model (slow += (1-decay)(fast-slow)) and
-    the model is reset to it. The decay ramps from 0 to `decay` as (step/total)^3, so early
-    training is unaffected and the end of the run is smoothed (airbench's schedule). BatchNorm
-    statistics are averaged with the weights. At the end the model holds the slow weights."""
-
-    def __init__(self, model: nn.Module, every: int, decay: float, total_steps: int) -> None:
-        self.slow = {k: t.detach().clone() for k, t in _float_states(model).items()}
-        self.every, self.decay, self.total = every, decay, max(1, total_steps)
-
-    @torch.no_grad()
-    def step(self, model: nn.Module, step: int) -> None:
-        """Call after optimizer step `step` (0-based over the run)."""
-        done = step + 1
-        if done % self.every and done != self.total:
-            return
-        d = self.decay * (done / self.total) ** 3
-        slow, fast = list(self.slow.values()), list(_float_states(model).values())
-        torch._foreach_lerp_(slow, fast, 1 - d)
-        torch._foreach_copy_(fast, slow)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.slow)
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k, t in self.slow.items():
-            t.copy_(tensors[k])
-
-
-@torch.no_grad()
-def whiten_conv1(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> int:
-    """Patch-whitening initialisation (airbench): the first convolution's filters become the
-    eigenvectors of the covariance of its input patches, scaled by 1/sqrt(eigenvalue), each in
-    a + and a - copy, largest eigenvalues first; filters beyond 2 x patch size keep their init.
-    `images`: normalised N x 3 x H x W training images. Returns the filters set."""
-    conv = model.conv1.conv if hasattr(model.conv1, "conv") else model.conv1
-    w = conv.weight  # out x 3 x k x k
-    k = w.shape[-1]
-    patches = F.unfold(images.float(), k, stride=conv.stride).transpose(1, 2).reshape(-1, 3 * k * k)
-    patches = patches - patches.mean(0)
-    cov = patches.T @ patches / patches.shape[0]
-    eigval, eigvec = torch.linalg.eigh(cov.double())  # ascending
-    n = min(w.shape[0] // 2, eigvec.shape[1])
-    filt = (eigvec[:, -n:].flip(1) / (eigval[-n:].flip(0) + eps).sqrt()).T.float()
-    filt = filt.reshape(n, 3, k, k).to(w.dtype)
-    w[:n] = filt.to(w.device)
-    w[n : 2 * n] = -filt.to(w.device)
-    if conv.bias is not None:
-        conv.bias[: 2 * n] = 0
-    return 2 * n
