@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from googlenet import cli
 from googlenet.errors import UserError
+from googlenet.training import config
 from googlenet.training import loop as engine
 from googlenet.training.config import FIELD_TYPES, list_recipes, recipe_values, resolve_config
 
@@ -42,7 +43,7 @@ def fuzz(n: int) -> settings:
 
 FUZZ = fuzz(40)  # cheap cases: configs, CIFAR files
 FUZZ_SLOW = fuzz(10)  # each runs a model: predict, checkpoints
-RECIPES_DIR = Path(cli.__file__).parent / "training" / "recipes"
+RECIPES_DIR = Path(config.__file__).parent / "recipes"
 
 
 def one_line_error(err: str, command: str) -> str:
