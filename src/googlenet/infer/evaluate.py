@@ -19,7 +19,7 @@ from googlenet.checkpoint import CheckpointMeta, load_model
 from googlenet.data.build import Batch, eval_batches
 from googlenet.data.build import array_batches as array_batches  # its old home (tests, bench)
 from googlenet.data.build import recorded_val_set as recorded_val_set
-from googlenet.devices import make_runner, pick_device, pick_dtype
+from googlenet.devices import bound_kept_memory, make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
 from googlenet.metrics import EvalResult, Metrics, write_predictions
 from googlenet.transforms import (
@@ -45,6 +45,7 @@ def evaluate_batches(
         pred = acc.update(probs, labels)
         prob = probs.gather(1, pred[:, None])[:, 0]
         rows += zip(ids, labels.tolist(), pred.tolist(), prob.tolist(), strict=True)
+        bound_kept_memory()
     result = acc.result(classes, tta=mode, **result_kw)
     result.predictions = sorted(rows)
     return result

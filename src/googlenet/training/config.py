@@ -151,7 +151,8 @@ class TrainConfig:
     #   stages' 3x3/2) by a C kernel (fastpool.py; the same function, built with the system
     #   compiler, else ATen)
     keep_freed_memory: bool = True  # CPU runs on glibc: freed memory stays in the process
-    #   instead of large blocks going back to the OS each step (devices.keep_freed_memory)
+    #   instead of large blocks going back to the OS each step (devices.keep_freed_memory),
+    #   up to 1.25x the resident size after the first step (devices.bound_kept_memory)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     workers: int = 0  # torch CPU threads per process (0: torch's default)

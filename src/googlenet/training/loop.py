@@ -30,7 +30,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from googlenet.devices import autocast
+from googlenet.devices import autocast, bound_kept_memory
 from googlenet.errors import note
 from googlenet.metrics import Metrics
 from googlenet.model import HEAD_PREFIXES
@@ -183,6 +183,7 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     for i, (x, y) in enumerate(itertools.islice(run.train_loader, steps - start), start):
         run.trace(f"step-begin {epoch} {i}")
         stop = _train_step(run, epoch, i, x, y, meter)
+        bound_kept_memory()  # what keep_freed_memory keeps stays near the step's working set
         if bar is not None:
             done = (i + 1 - start) * cfg.batch_size
             bar.set_postfix(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from googlenet.devices import autocast
+from googlenet.devices import autocast, bound_kept_memory
 from googlenet.fuse import fold_batchnorm
 from googlenet.metrics import VAL_PREDICTIONS, Metrics, write_predictions
 from googlenet.model import AUX_TAPS
@@ -122,6 +122,7 @@ def validate(
             if predictions:
                 prob = torch.softmax(outs[0].float(), 1).gather(1, pred[:, None])[:, 0]
                 parts.append((y.cpu(), pred.cpu(), prob.cpu()))
+            bound_kept_memory()
     model.train(was_training)
     return _reduced(meter, tta_meter, tta_s, dist or Dist(), parts if predictions else None, loader)
 
