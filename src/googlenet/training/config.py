@@ -1,7 +1,7 @@
 """Training configuration: one typed dataclass, recipes as TOML files, `--set key=value`.
 
 A config is resolved in layers: the dataclass defaults, then a recipe (a TOML file shipped in
-googlenet/recipes/ or any file given with --config; a file may name its base with
+googlenet/training/recipes/ or any file given with --config; a file may name its base with
 `recipe = "..."`), then `--set` overrides. Every key and type is checked, so a typo is a
 UserError naming the key instead of a silently ignored option.
 """
@@ -312,7 +312,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipes shipped in googlenet/recipes/."""
+    """Names of the recipes shipped in googlenet/training/recipes/."""
     folder = resources.files("googlenet.training") / "recipes"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
