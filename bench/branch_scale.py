@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from googlenet.data import load_cifar, stratified_indices
-from googlenet.infer.evaluate import recorded_val_set
+from googlenet.data.build import recorded_val_set
 from googlenet.infer.inference import load
 from googlenet.insight import BRANCHES, BranchUsage, branch_energy
 

@@ -163,3 +163,13 @@ def test_import_googlenet_does_not_load_the_engine():
     loaded = eval(out.stdout)
     assert "googlenet.model" in loaded
     assert not [m for m in loaded if m.split(".")[1] in ("training", "infer", "insight", "data")]
+
+
+@pytest.mark.parametrize("package", ["data", "training", "infer", "insight"])
+def test_each_package_lists_its_public_face_and_every_name_resolves(package):
+    pkg = importlib.import_module(f"googlenet.{package}")
+    assert len(pkg.__all__) >= 5
+    for name in pkg.__all__:
+        value = getattr(pkg, name)
+        assert getattr(value, "__module__", pkg.__name__).startswith(f"googlenet.{package}")
+    assert set(pkg.__all__) <= set(dir(pkg))

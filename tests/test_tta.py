@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from googlenet.checkpoint import load_checkpoint
 from googlenet.cli import main
+from googlenet.data.build import array_batches
 from googlenet.devices import make_runner
 from googlenet.errors import UserError
-from googlenet.infer.evaluate import array_batches, evaluate, evaluate_batches
+from googlenet.infer.evaluate import evaluate, evaluate_batches
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.model import build
 from googlenet.training.config import resolve_config

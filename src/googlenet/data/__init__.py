@@ -15,8 +15,7 @@ one submodule does not load the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from googlenet import lazy
 
 # Public name -> the module that defines it.
 _PUBLIC = {
@@ -50,16 +49,6 @@ _PUBLIC = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
-
+__getattr__, __dir__ = lazy.names(__name__, _PUBLIC)
 
 __all__ = sorted(_PUBLIC)

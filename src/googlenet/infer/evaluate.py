@@ -17,8 +17,6 @@ from torch import Tensor, nn
 
 from googlenet.checkpoint import CheckpointMeta, load_model
 from googlenet.data.build import Batch, eval_batches
-from googlenet.data.build import array_batches as array_batches  # its old home (tests, bench)
-from googlenet.data.build import recorded_val_set as recorded_val_set
 from googlenet.devices import bound_kept_memory, make_runner, pick_device, pick_dtype
 from googlenet.errors import UserError
 from googlenet.metrics import EvalResult, Metrics, write_predictions

@@ -246,7 +246,7 @@ def _picked_images(
     if all(p.path for p in picked):
         images = _from_files(picked, meta.preprocess.resize or meta.preprocess.input_size)
         return images, "" if images is not None else NO_FILES
-    from googlenet.infer.evaluate import recorded_val_set
+    from googlenet.data.build import recorded_val_set
 
     try:
         rebuilt = recorded_val_set(meta, cfg, data)

@@ -14,8 +14,7 @@ The public names below are imported on first use, so `googlenet.training.config`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from googlenet import lazy
 
 # Public name -> the module that defines it. (The old `googlenet.engine` path resolves here.)
 _PUBLIC = {
@@ -31,14 +30,6 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
-
+__getattr__, __dir__ = lazy.names(__name__, _PUBLIC)
 
 __all__ = sorted(_PUBLIC)
