@@ -15,6 +15,7 @@ from googlenet.checkpoint import CheckpointMeta, Validation, save_checkpoint
 from googlenet.data import ArrayDataset
 from googlenet.metrics import VAL_PREDICTIONS, write_predictions
 from googlenet.model import build
+from googlenet.training.config import resolve_config
 from googlenet.transforms import Preprocess
 
 # Tests run on 2 CPU cores; more threads only add contention between parallel jobs.
@@ -190,3 +191,65 @@ def make_run(folder: Path, n_val: int = 12, tta: str = "none") -> Path:
         folder / VAL_PREDICTIONS, list(range(n_val)), paths, true, pred, prob, CLASSES
     )
     return folder
+
+
+def tiny_cfg(tmp_path, *extra: str):
+    """The cifar variant at 16x16 in fp32: the cheapest real network."""
+    base = [
+        f"out={tmp_path / 'run'}",
+        "input_size=16",
+        "batch_size=8",
+        "lr=0.03",
+        "label_smoothing=0.0",
+        "precision=fp32",
+        "channels_last=false",
+        "warmup_min_steps=0",  # the tests' exact schedules, not the short-run guard
+        *SPEEDRUN_OFF,
+    ]
+    return resolve_config(overrides=[*base, *extra])
+
+
+# DDP tests: the article net at 32 px in fp32, one global batch per epoch, no per-rank draws.
+DDP_OVERRIDES = [
+    "variant=article",
+    "aux_logits=false",
+    "dropout=0.0",
+    "input_size=32",
+    "epochs=2",
+    "batch_size=16",  # global: 8 per rank with 2 ranks
+    "lr=0.01",
+    "schedule=constant",
+    "label_smoothing=0.0",
+    "precision=fp32",
+    "channels_last=false",
+    "ema=false",
+    "crop_padding=0",  # augmentation draws differ per rank: off
+    "flip=false",
+    "report=false",  # subprocesses: conftest cannot skip the end-of-run report there
+]
+
+
+def ddp_data() -> tuple[ArrayDataset, ArrayDataset]:
+    # 16 training images = one global batch per epoch, so every rank's share of a step
+    # together is exactly the single process's batch; 10 validation images split 5 + 5.
+    return synth(16, 0, side=32), synth(10, 1, side=32)
+
+
+def fake_cifar(root: Path, n_train: int = 60, n_test: int = 80) -> Path:
+    """A CIFAR-10 binary layout with random images (the format, not the content, matters)."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> bytes:
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        return np.concatenate([y[:, None], x], 1).tobytes()
+
+    per = n_train // 5
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}.bin").write_bytes(batch(per))
+    (folder / "test_batch.bin").write_bytes(batch(n_test))
+    names = "airplane automobile bird cat deer dog frog horse ship truck".split()  # noqa: SIM905
+    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
+    return root

@@ -30,6 +30,7 @@ from PIL import Image
 from googlenet.checkpoint import load_checkpoint
 from googlenet.training.config import resolve_config
 from googlenet.training.loop import train
+from tests.conftest import fake_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and fp32 on one thread: fast, and bit-reproducible across processes.
@@ -50,26 +51,6 @@ SETTINGS = [
     "checkpoint_every_s=1e-6",  # a checkpoint after every step
     "report=false",  # the end-of-run report: seconds per finished run, not what is tested
 ]
-
-
-def fake_cifar(root: Path, n_train: int = 60, n_test: int = 80) -> Path:
-    """A CIFAR-10 binary layout with random images (the format, not the content, matters)."""
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n: int) -> bytes:
-        y = rng.integers(0, 10, n, dtype=np.uint8)
-        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        return np.concatenate([y[:, None], x], 1).tobytes()
-
-    per = n_train // 5
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}.bin").write_bytes(batch(per))
-    (folder / "test_batch.bin").write_bytes(batch(n_test))
-    names = "airplane automobile bird cat deer dog frog horse ship truck".split()  # noqa: SIM905
-    (folder / "batches.meta.txt").write_text("\n".join(names) + "\n")
-    return root
 
 
 @pytest.fixture

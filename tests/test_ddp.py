@@ -9,7 +9,6 @@ weights after two SGD steps agree up to float summation order.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,31 +18,7 @@ from googlenet.checkpoint import load_checkpoint
 from googlenet.metrics import VAL_PREDICTIONS, read_predictions
 from googlenet.training.config import resolve_config
 from googlenet.training.loop import train
-from tests.conftest import synth
-
-OVERRIDES = [
-    "variant=article",
-    "aux_logits=false",
-    "dropout=0.0",
-    "input_size=32",
-    "epochs=2",
-    "batch_size=16",  # global: 8 per rank with 2 ranks
-    "lr=0.01",
-    "schedule=constant",
-    "label_smoothing=0.0",
-    "precision=fp32",
-    "channels_last=false",
-    "ema=false",
-    "crop_padding=0",  # augmentation draws differ per rank: off
-    "flip=false",
-    "report=false",  # subprocesses: conftest cannot skip the end-of-run report there
-]
-
-
-def _data():
-    # 16 training images = one global batch per epoch, so every rank's share of a step
-    # together is exactly the single process's batch; 10 validation images split 5 + 5.
-    return synth(16, 0, side=32), synth(10, 1, side=32)
+from tests.conftest import DDP_OVERRIDES, ddp_data, free_port
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -55,28 +30,22 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    train_set, val_set = _data()
-    cfg = resolve_config(overrides=[*OVERRIDES, f"out={out}"])
+    train_set, val_set = ddp_data()
+    cfg = resolve_config(overrides=[*DDP_OVERRIDES, f"out={out}"])
     train(cfg, train_set=train_set, val_set=val_set, progress=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    train_set, val_set = _data()
+    train_set, val_set = ddp_data()
     single = train(
-        resolve_config(overrides=[*OVERRIDES, f"out={tmp_path / 'single'}"]),
+        resolve_config(overrides=[*DDP_OVERRIDES, f"out={tmp_path / 'single'}"]),
         train_set=train_set,
         val_set=val_set,
         progress=False,
     )
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
 
     a, meta_a = load_checkpoint(tmp_path / "single" / "last.safetensors")
     b, meta_b = load_checkpoint(tmp_path / "ddp" / "last.safetensors")
@@ -86,7 +55,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
         assert (b["model"][k] - w).abs().max() <= 1e-3 * w.abs().max() + 1e-7, k
     # the weights moved in epoch 2, so agreeing after it is not trivial
     one = train(
-        resolve_config(overrides=[*OVERRIDES, "epochs=1", f"out={tmp_path / 'one'}"]),
+        resolve_config(overrides=[*DDP_OVERRIDES, "epochs=1", f"out={tmp_path / 'one'}"]),
         train_set=train_set,
         val_set=val_set,
         progress=False,

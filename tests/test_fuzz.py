@@ -217,7 +217,7 @@ def _jpeg(seed: int, size: int = 12) -> bytes:
 
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory) -> Path:
-    from tests.test_predict import make_checkpoint
+    from tests.conftest import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "c.safetensors", input_size=16)
 
@@ -436,7 +436,7 @@ def test_cifar_archive_with_a_huge_member_is_refused_without_reading_it(tmp_path
 
 
 def test_cli_reports_a_bad_cifar_test_batch_in_one_line(tmp_path, capsys):
-    from tests.test_predict import make_checkpoint
+    from tests.conftest import make_checkpoint
 
     small_ckpt = make_checkpoint(tmp_path / "c.safetensors", classes=CLASSES10, dataset="cifar10")
     write_cifar(tmp_path, "bin", _cifar_bin(4, 0)[:-7])  # cut short

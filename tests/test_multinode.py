@@ -19,14 +19,14 @@ from googlenet.model import build
 from googlenet.training.config import resolve_config
 from googlenet.training.loop import train
 from googlenet.training.setup import model_args
-from tests.test_ddp import OVERRIDES, _data, _free_port
+from tests.conftest import DDP_OVERRIDES, ddp_data, free_port, synth, tiny_cfg
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _write_folder(root: Path) -> None:
     """test_ddp's data as PNG files (lossless): root/train/<class>/*.png, root/val/..."""
-    for split, ds in zip(("train", "val"), _data(), strict=True):
+    for split, ds in zip(("train", "val"), ddp_data(), strict=True):
         for i, (img, y) in enumerate(zip(ds.images, ds.labels.tolist(), strict=True)):
             d = root / split / ds.classes[y]
             d.mkdir(parents=True, exist_ok=True)
@@ -39,11 +39,11 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, monkeypatch):
     data = tmp_path / "data"
     _write_folder(data)
     # resize=32: the 32x32 files are used as they are (no crop, which would differ per rank)
-    sets = [*OVERRIDES, "dataset=folder", "resize=32", "loader_workers=0"]
+    sets = [*DDP_OVERRIDES, "dataset=folder", "resize=32", "loader_workers=0"]
     single = tmp_path / "single"
     train(resolve_config(overrides=[*sets, f"out={single}"]), data_root=data, progress=False)
 
-    port, out = _free_port(), tmp_path / "nodes"
+    port, out = free_port(), tmp_path / "nodes"
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.update(OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -81,7 +81,6 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path, monkeypatch):
 
 def test_sync_bn_is_validated_and_a_no_op_on_one_process(tmp_path):
     from googlenet.errors import UserError
-    from tests.test_train import synth, tiny_cfg
 
     with pytest.raises(UserError, match="sync_bn.*'article' has no BatchNorm"):
         resolve_config(overrides=["variant=article", "sync_bn=true"])

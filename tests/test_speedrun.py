@@ -198,8 +198,12 @@ def test_whitening_makes_conv1_responses_decorrelated():
 
 
 def test_whiten_init_trains_end_to_end(tmp_path):
-    _, res = run(tmp_path, "whiten_init=true")
-    assert torch.isfinite(torch.tensor(res.metrics["train_loss"]))
+    _, res = run(tmp_path / "whitened", "whiten_init=true")
+    _, plain = run(tmp_path / "plain", "whiten_init=false")
+    losses = [row["train_loss"] for row in res.history]
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert losses[-1] < losses[0]  # it learns from the whitened start
+    assert losses[0] != plain.history[0]["train_loss"]  # which is not the plain start
 
 
 def test_alternate_flip_flips_each_image_once_in_two_epochs():
@@ -270,7 +274,7 @@ def test_evaluate_replays_a_holdout_run_on_its_held_out_images(tmp_path):
     """A run validated on held-out training images is re-evaluated on those images (rebuilt
     from the recorded root and seed), not silently on the test split."""
     from googlenet.infer.evaluate import evaluate
-    from tests.test_crash import fake_cifar
+    from tests.conftest import fake_cifar
 
     data = fake_cifar(tmp_path / "data", n_train=100, n_test=30)
     cfg = tiny(tmp_path, "holdout=20", "epochs=1", "tta=none")

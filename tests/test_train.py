@@ -17,23 +17,7 @@ from googlenet.training.optim import WeightAverage
 from googlenet.training.setup import model_args
 from googlenet.training.state import TrainingDiverged
 from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, Preprocess
-from tests.conftest import SPEEDRUN_OFF, synth
-
-
-def tiny_cfg(tmp_path, *extra: str):
-    """The cifar variant at 16x16 in fp32: the cheapest real network."""
-    base = [
-        f"out={tmp_path / 'run'}",
-        "input_size=16",
-        "batch_size=8",
-        "lr=0.03",
-        "label_smoothing=0.0",
-        "precision=fp32",
-        "channels_last=false",
-        "warmup_min_steps=0",  # the tests' exact schedules, not the short-run guard
-        *SPEEDRUN_OFF,
-    ]
-    return resolve_config(overrides=[*base, *extra])
+from tests.conftest import synth, tiny_cfg
 
 
 def test_learns_a_synthetic_task_and_writes_the_run(tmp_path):
