@@ -173,3 +173,20 @@ def test_each_package_lists_its_public_face_and_every_name_resolves(package):
         value = getattr(pkg, name)
         assert getattr(value, "__module__", pkg.__name__).startswith(f"googlenet.{package}")
     assert set(pkg.__all__) <= set(dir(pkg))
+
+
+def test_the_old_paths_the_docs_name_still_work():
+    # README.md and docs/results.md name these; user scripts may too
+    import googlenet.engine
+    import googlenet.listing
+    import googlenet.report
+    from googlenet.datasets import load_cifar, resolve_data_root
+    from googlenet.evaluate import evaluate, load_members
+    from googlenet.explain import ablate, branch_energy, filters_grid, gradcam, visualise_feature
+
+    assert googlenet.engine.train is googlenet.train
+    assert callable(googlenet.listing.list_folder)
+    assert callable(googlenet.report.report_after_training)
+    for f in (load_cifar, resolve_data_root, evaluate, load_members, ablate, branch_energy,
+              filters_grid, gradcam, visualise_feature):  # fmt: skip
+        assert callable(f)
