@@ -60,7 +60,7 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
     with missing, extra or wrongly shaped keys is rejected with a message listing them)."""
     from googlenet.checkpoint import CheckpointMeta, load_state_dict_strict, save_checkpoint
     from googlenet.model import build
-    from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from googlenet.transforms import Preprocess
 
     src = Path(path)
     state = read_state_dict(src)
@@ -72,7 +72,7 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
         model=model_args,
         classes=imagenet_classes(),
         # torchvision's evaluation transform: Resize(256), CenterCrop(224), ImageNet stats.
-        preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, resize=256),
+        preprocess=Preprocess.from_cfg(model.pretrained_cfg),
         dataset="imagenet",
         provenance={
             "source": "torchvision",
