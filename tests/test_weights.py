@@ -1,0 +1,113 @@
+"""Weights by name, against a local HTTP server on 127.0.0.1 (no test reaches the internet)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from googlenet import weights
+from googlenet.checkpoint import load_model
+from googlenet.errors import UserError
+from tests.conftest import free_port, synthetic_state
+
+
+class _Server:
+    """Serves `body` at any path; `truncate` sends half of it under the full Content-Length."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.truncate, self.requests = body, False, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                cut = len(server.body) // 2 if server.truncate else len(server.body)
+                self.wfile.write(server.body[:cut])
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_Server, Path]]:
+    """A synthetic torchvision file served locally, the table pointed at it and its hash, and
+    the hub cache in tmp_path: (server, where the file is cached)."""
+    pth = tmp_path / "made.pth"
+    torch.save(synthetic_state(), pth)
+    body = pth.read_bytes()
+    prefix = hashlib.sha256(body).hexdigest()[:8]
+    server = _Server(body)
+    url = f"http://127.0.0.1:{server.port}/models/googlenet-{prefix}.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(weights.WEIGHTS, "torchvision", weights.WeightsSource(url, prefix, "test"))
+    yield server, tmp_path / "torch" / "hub" / "checkpoints" / f"googlenet-{prefix}.pth"
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def test_download_convert_and_cache_hit(served):
+    server, cached = served
+    ckpt = weights.pretrained("torchvision")
+    assert server.requests == 1 and cached.is_file()
+    assert ckpt.parent == cached.with_name(cached.stem + "-googlenet")
+    model, meta = load_model(ckpt)
+    assert meta.model["variant"] == "bn" and meta.provenance["file"] == cached.name
+    assert torch.equal(model.fc.weight, synthetic_state()["fc.weight"])
+    stamp = ckpt.stat().st_mtime_ns
+    assert weights.pretrained("torchvision") == ckpt  # no second download, no re-conversion
+    assert server.requests == 1 and ckpt.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("fault", ["hash", "truncated"])
+def test_a_bad_transfer_is_refused_and_not_cached(served, monkeypatch, fault):
+    server, cached = served
+    if fault == "hash":
+        good = weights.WEIGHTS["torchvision"]
+        bad = weights.WeightsSource(good.url, "00000000", "test")
+        monkeypatch.setitem(weights.WEIGHTS, "torchvision", bad)
+    server.truncate = fault == "truncated"
+    with pytest.raises(UserError, match="refused.*hash"):
+        weights.fetch("torchvision")
+    assert server.requests == 1 and list(cached.parent.iterdir()) == []
+
+
+def test_offline_names_the_url_and_the_path_then_a_manual_file_works(served, monkeypatch):
+    server, cached = served
+    good = weights.WEIGHTS["torchvision"]
+    dead = good.url.replace(good.url.split("/")[2], f"127.0.0.1:{free_port()}")
+    offline = weights.WeightsSource(dead, good.hash_prefix, "test")
+    monkeypatch.setitem(weights.WEIGHTS, "torchvision", offline)
+    with pytest.raises(UserError) as e:
+        weights.pretrained("torchvision")
+    message = str(e.value)
+    assert dead in message and str(cached) in message and "\n" not in message
+    # A file downloaded by hand to that path is used, with no network.
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(server.body)
+    assert load_model(weights.pretrained("torchvision"))[1].model["variant"] == "bn"
+
+
+def test_a_manual_file_with_the_wrong_hash_is_refused(served):
+    _, cached = served
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(synthetic_state(aux=False), cached)  # another file under the expected name
+    with pytest.raises(UserError, match="does not match"):
+        weights.pretrained("torchvision")
+
+
+def test_an_unknown_name_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown weights name 'imagenet'; known: torchvision"):
+        weights.source("imagenet")
