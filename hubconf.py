@@ -9,6 +9,8 @@
 
 Each takes pretrained=False, num_classes=None (the variant's own) and model options as
 keywords (aux_logits=False, dropout=0.5, ...), and returns a googlenet.model.GoogLeNet.
+pretrained=True (googlenet, googlenet_bn): torchvision's ImageNet weights, downloaded once into
+$TORCH_HOME/hub/checkpoints (googlenet.weights); num_classes= then replaces the classifiers.
 """
 
 from __future__ import annotations
@@ -29,12 +31,20 @@ from googlenet.model import GoogLeNet, build  # noqa: E402
 
 
 def _load(variant: str, pretrained: bool, num_classes: int | None, **kwargs: Any) -> GoogLeNet:
-    if pretrained:
+    if not pretrained:
+        return build(variant, num_classes=num_classes, **kwargs)
+    if variant != "bn" or kwargs:
         raise UserError(
-            "pretrained weights are not served through torch.hub yet: build with "
-            "pretrained=False, or convert torchvision's file with `googlenet import-torchvision`"
+            "pretrained=True: only googlenet / googlenet_bn have weights (torchvision's), "
+            "taken as they are (num_classes= may still set a new classifier)"
         )
-    return build(variant, num_classes=num_classes, **kwargs)
+    from googlenet.checkpoint import load_model
+    from googlenet.weights import pretrained as named_weights
+
+    model, _ = load_model(named_weights("torchvision"))  # downloaded and converted once
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model.train()  # as nn.Module and torch.hub hand models out
 
 
 def googlenet(pretrained: bool = False, num_classes: int | None = None, **kwargs: Any) -> GoogLeNet:

@@ -31,7 +31,7 @@ def test_every_variant_has_an_entry_point_and_pretrained_is_a_clear_error():
             == model.pretrained_cfg["num_classes"]
             == (10 if variant == "cifar" else 1000)
         )
-    with pytest.raises(UserError, match="pretrained weights"):
+    with pytest.raises(UserError, match="only googlenet / googlenet_bn have weights"):
         torch.hub.load(str(REPO), "googlenet_paper", source="local", pretrained=True)
 
 

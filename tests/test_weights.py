@@ -111,3 +111,66 @@ def test_a_manual_file_with_the_wrong_hash_is_refused(served):
 def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown weights name 'imagenet'; known: torchvision"):
         weights.source("imagenet")
+
+
+def test_the_name_works_wherever_a_checkpoint_is_taken(served, tmp_path, monkeypatch, capsys):
+    import googlenet
+    from googlenet.cli import main
+    from googlenet.training.finetune import read_init
+
+    server, _ = served
+    predictor = googlenet.load("torchvision")
+    assert len(predictor.classes) == 1000 and server.requests == 1
+    assert read_init("torchvision").model["variant"] == "bn"
+    assert main(["import-torchvision", "--out", str(tmp_path / "tv")]) == 0  # no FILE
+    assert (tmp_path / "tv" / "best.safetensors").is_file() and server.requests == 1
+    hub = torch.hub.load(str(Path(__file__).parents[1]), "googlenet", source="local",
+                         pretrained=True, num_classes=4)  # fmt: skip
+    assert hub.num_classes == 4 and hub.training and hub.aux1.fc2.out_features == 4
+    assert torch.equal(hub.conv1.conv.weight, synthetic_state()["conv1.conv.weight"])
+    # An existing path wins over the name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "torchvision").mkdir()
+    with pytest.raises(UserError) as e:
+        googlenet.load("torchvision")
+    assert str(tmp_path / "torchvision") in str(e.value) or "torchvision:" in str(e.value)
+    capsys.readouterr()
+
+
+def test_import_torchvision_checks_a_hub_named_file_against_its_hash(tmp_path, capsys):
+    from googlenet.cli import main
+
+    pth = tmp_path / "googlenet-00000000.pth"
+    torch.save(synthetic_state(), pth)
+    assert main(["import-torchvision", str(pth), "--out", str(tmp_path / "o")]) == 2
+    assert "does not match the expected 00000000" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_train_init_torchvision_end_to_end_on_a_tiny_folder(served, tmp_path, capsys):
+    from PIL import Image
+
+    from googlenet.checkpoint import load_checkpoint
+    from googlenet.cli import main
+    from tests.conftest import random_image
+
+    server, cached = served
+    for split in ("train", "val"):
+        for k, name in enumerate(("ant", "bee")):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(random_image(40, 40, 10 * k + i)).save(
+                    tmp_path / "data" / split / name / f"{i}.png"
+                )
+    sets = ["input_size=32", "batch_size=4", "epochs=1", "precision=fp32", "ema=false"]
+    sets += ["channels_last=false", "report=false", "tta=none"]
+    args = ["train", "--quiet", "--recipe", "finetune", "--init", "torchvision"]
+    args += [x for s in sets for x in ("--set", s)]
+    args += ["--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert server.requests == 1
+    _, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert meta.model["variant"] == "bn" and meta.classes == ["ant", "bee"]
+    converted = cached.with_name(cached.stem + "-googlenet") / "best.safetensors"
+    assert meta.provenance["init"]["loaded"] > 100 and converted.is_file()

@@ -12,6 +12,7 @@ non-commercial research and education; whether a use is allowed is the user's to
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,21 @@ def pretrained(name: str) -> Path:
         return out / CHECKPOINT_NAME
     check_hash(path, src.hash_prefix)  # a file put there by hand is checked once, here
     return convert_torchvision(path, out)
+
+
+def resolve(path_or_name: str | Path) -> Path:
+    """A checkpoint path as given, or a weights name's cached checkpoint. An existing path wins
+    over a name (a folder called `torchvision`); anything else is returned for its reader to
+    report."""
+    p = Path(path_or_name)
+    if p.exists() or str(path_or_name) not in WEIGHTS:
+        return p
+    return pretrained(str(path_or_name))
+
+
+def check_named_file(path: str | Path) -> None:
+    """A file named as torch.hub names weights (googlenet-<sha256 prefix>.pth) must match it."""
+    p = Path(path)
+    m = re.fullmatch(r"[\w.]+-([a-f0-9]{6,})\.pth", p.name)
+    if m and p.is_file():
+        check_hash(p, m.group(1))

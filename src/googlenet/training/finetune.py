@@ -76,8 +76,11 @@ def _field(meta: Any, name: str) -> Any:
 
 
 def read_init(path: str | Path) -> InitSource:
-    """Read an `init` checkpoint (file or run folder); one-line UserErrors naming the file."""
-    p = Path(path)
+    """Read an `init` checkpoint (file or run folder, or a weights name such as "torchvision";
+    an existing path wins); one-line UserErrors naming the file."""
+    from googlenet.weights import resolve
+
+    p = resolve(path)
     if p.is_file() and p.suffix in (".pth", ".pt", ".pkl", ".bin"):
         raise UserError(
             f"{p}: a PyTorch weights file, not a googlenet checkpoint; convert torchvision's "
