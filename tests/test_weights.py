@@ -174,3 +174,47 @@ def test_train_init_torchvision_end_to_end_on_a_tiny_folder(served, tmp_path, ca
     assert meta.model["variant"] == "bn" and meta.classes == ["ant", "bee"]
     converted = cached.with_name(cached.stem + "-googlenet") / "best.safetensors"
     assert meta.provenance["init"]["loaded"] > 100 and converted.is_file()
+
+
+def _images(n: int = 8, side: int = 32):
+    from googlenet.data import ArrayDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    return ArrayDataset(x, torch.arange(n) % 2, ["a", "b"])
+
+
+def test_mean_pairwise_cosine():
+    from googlenet.training.finetune import mean_pairwise_cosine
+
+    assert mean_pairwise_cosine(torch.ones(4, 6)) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(5)) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+
+
+def test_degenerate_init_features_warn_and_diverse_ones_do_not():
+    import warnings
+
+    from googlenet.model import build
+    from googlenet.training.finetune import check_init_features
+
+    model = build("cifar", num_classes=2)
+    for m in model.inception5b.modules():  # every 5b output ReLU(0 * x + 1): constant features
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.zero_()
+            m.bias.data.fill_(1.0)
+    model.train()
+    with pytest.warns(UserWarning, match=r"nearly the same.*cosine 1\.0000 on 8 training"):
+        check_init_features(model, _images(), 32, (0.5,) * 3, (0.25,) * 3)
+    assert model.training  # its mode is given back
+
+    class Diverse(torch.nn.Module):  # the normalised pixels themselves: nearly orthogonal
+        def forward_features(self, x):
+            return x
+
+        def forward_head(self, x, pre_logits=False):
+            return x.flatten(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_init_features(Diverse(), _images(), 32, (0.5,) * 3, (0.25,) * 3)

@@ -186,6 +186,8 @@ def _setup_model(
         for line in report.lines():
             note(line)
         init_record = report.record(finetune.checksum(init.path))
+        pp = data.val_pp
+        finetune.check_init_features(raw, data.train_set, pp.input_size, pp.mean, pp.std)
     raw.train()
     raw.check_input(torch.empty(0, 3, data.size, data.size))
     apply_norm_options(cfg, raw)
