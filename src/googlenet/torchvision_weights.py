@@ -1,6 +1,7 @@
 """Import torchvision's ImageNet GoogLeNet weights (googlenet-1378be20.pth, downloaded by the
-user) into a googlenet checkpoint: the `bn` variant, transform_input=True, 1000 ImageNet class
-names and torchvision's preprocessing (resize 256, centre crop 224, ImageNet mean/std).
+user or by weights.fetch) into a googlenet checkpoint: the `bn` variant, transform_input=True,
+1000 ImageNet class names and torchvision's preprocessing (resize 256, centre crop 224,
+ImageNet mean/std).
 
 The .pth is read with torch.load(weights_only=True), which refuses anything but tensors and
 plain containers, so no code in the file runs; .safetensors files are accepted too.

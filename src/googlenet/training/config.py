@@ -133,7 +133,9 @@ class TrainConfig:
     whiten_init: bool = True  # conv1 from the whitening of training patches (skipped with init)
     alternate_flip: bool = True  # flip each image on alternate epochs instead of at random
     # --- fine-tuning (finetune.py) ---
-    init: str = ""  # start from this checkpoint (fresh start only; a resume restores its own)
+    # start from this checkpoint, or a weights name ("torchvision"; an existing path wins);
+    # fresh start only, a resume restores its own
+    init: str = ""
     init_partial: bool = False  # init: load what fits, leave other mismatched tensors fresh
     freeze: str = ""  # freeze every block up to and including this one (summary's names)
     backbone_lr_scale: float = 1.0  # lr factor for every parameter outside aux1/aux2/fc
