@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser train test test-fast lint format summary clean
+.PHONY: setup browser train test test-fast lint format summary dist clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,24 +33,29 @@ browser:
 	  echo "note: no Chromium here (Debian + root installs it); browser tests will be skipped"
 
 test: $(STAMP) browser
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests bench hubconf.py
+	$(PY) -m ruff format --check src tests bench hubconf.py
 	$(PY) -m pytest $(ARGS)
 
 # The quick loop while editing: no slow, real-CIFAR or browser tests (about a minute).
 test-fast: $(STAMP)
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench hubconf.py
 	$(PY) -m pytest -m "not slow and not cifar and not browser" $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench hubconf.py
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests bench
-	$(PY) -m ruff check --fix src tests bench
+	$(PY) -m ruff format src tests bench hubconf.py
+	$(PY) -m ruff check --fix src tests bench hubconf.py
 
 summary: $(STAMP)
 	$(VENV)/bin/googlenet summary $(ARGS)
 
+# The sdist and the wheel in dist/, built offline with the venv's setuptools (the dev extra's
+# `build`).
+dist: $(STAMP)
+	$(PY) -m build --no-isolation --outdir dist .
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

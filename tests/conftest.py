@@ -44,6 +44,22 @@ def reference_shapes() -> dict[str, list[int]]:
     return json.loads(REFERENCE.read_text())["state_dict"]
 
 
+def synthetic_state(aux: bool = True) -> dict[str, torch.Tensor]:
+    """A seeded state dict in torchvision's GoogLeNet format (its keys and shapes)."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in reference_shapes().items():
+        if not aux and key.startswith(("aux1.", "aux2.")):
+            continue
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.05
+    return state
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that reads the real CIFAR-10 is marked `cifar`, so `-m "not cifar"` leaves it
     out (make test-fast) whether or not its author marked it."""

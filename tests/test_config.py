@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from googlenet.cli import main
 from googlenet.errors import Note, UserError
@@ -190,3 +191,15 @@ def test_recipe_help_lists_every_shipped_recipe(capsys, monkeypatch):
         s for s in capsys.readouterr().out.splitlines() if s.lstrip().startswith("--recipe")
     )
     assert list_recipes() and all(name in line for name in list_recipes()), line
+
+
+def test_min_area_reaches_the_scale_aspect_crop():
+    from googlenet.data.augment import scale_aspect_boxes
+    from googlenet.training.setup import augment_of
+
+    assert augment_of(TrainConfig()).min_area == 0.08  # the paper's, as before the key
+    aug = augment_of(resolve_config(overrides=["scale_aspect=true", "min_area=0.5"]))
+    assert aug.scale_aspect and aug.min_area == 0.5
+    g = torch.Generator().manual_seed(0)
+    _, _, w, h = scale_aspect_boxes(256, 32, 32, aug.min_area, g)
+    assert float((w * h).min()) >= 0.5 * 32 * 32 * 0.9  # integer boxes round a little

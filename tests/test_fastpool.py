@@ -3,6 +3,8 @@ outputs bit for bit, gradients routed to the same winners (ties and NaNs include
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +197,33 @@ def test_training_with_the_kernel_matches_aten(tmp_path):
     a, b = (results[k].model.state_dict() for k in (True, False))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert results[True].metrics["val_loss"] == results[False].metrics["val_loss"]
+
+
+def test_build_kernel_command_builds_into_the_cache_once(monkeypatch, tmp_path, capsys):
+    from googlenet.cli import main
+
+    monkeypatch.setenv("GOOGLENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fastpool, "_state", {})
+    assert main(["build-kernel"]) == 0
+    path = Path(capsys.readouterr().out.split(": ", 1)[1].strip())
+    assert path.parent == tmp_path / "cache" and path.suffix == ".so" and path.is_file()
+    assert fastpool.library() is not None  # the built one, without building again
+    stamp = path.stat().st_mtime_ns
+    assert main(["build-kernel"]) == 0  # a cache hit: same file, not rebuilt
+    assert str(path) in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+
+
+def test_build_kernel_refuses_when_off_or_unwritable(monkeypatch, tmp_path, capsys):
+    from googlenet.cli import main
+
+    monkeypatch.setattr(fastpool, "_state", {})
+    monkeypatch.setenv("GOOGLENET_FAST_POOL", "0")
+    assert main(["build-kernel"]) == 2
+    assert "GOOGLENET_FAST_POOL=0" in capsys.readouterr().err
+    monkeypatch.delenv("GOOGLENET_FAST_POOL")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("GOOGLENET_CACHE", str(blocker / "googlenet"))
+    assert main(["build-kernel"]) == 2
+    err = capsys.readouterr().err
+    assert "could not build the max-pool kernel" in err and len(err.splitlines()) == 1

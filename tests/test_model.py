@@ -169,3 +169,131 @@ def test_unknown_variant_and_option():
         build("resnet")
     with pytest.raises(ValueError, match="unknown model option 'widht'"):
         build("paper", widht=2)
+
+
+def reference_forward(m, x):
+    """The forward as it was before forward_features/forward_head existed, step for step."""
+    if m.spec.transform_input:
+        x = m._transform_input(x)
+    x = m.maxpool1(m.conv1(x))
+    if m.lrn1 is not None:
+        x = m.lrn1(x)
+    x = m.conv3(m.conv2(x))
+    if m.lrn2 is not None:
+        x = m.lrn2(x)
+    x = m.maxpool2(x)
+    x = m.inception3b(m.inception3a(x))
+    x = m.inception4a(m.maxpool3(x))
+    aux1 = m.aux1(x) if m.aux1 is not None and m.training else None
+    x = m.inception4d(m.inception4c(m.inception4b(x)))
+    aux2 = m.aux2(x) if m.aux2 is not None and m.training else None
+    x = m.inception4e(x)
+    x = m.inception5b(m.inception5a(m.maxpool4(x)))
+    x = torch.flatten(m.avgpool(x), 1)
+    logits = m.fc(m.dropout(x))
+    return GoogLeNetOutputs(logits, aux1, aux2) if m.training else logits
+
+
+def api_input(name: str, train: bool) -> torch.Tensor:
+    # Paper-style aux heads train on 209..256 only; elsewhere the smallest side is enough.
+    spec = googlenet.get_spec(name)
+    side = spec.input_size if train and spec.aux_pool == 0 else spec.min_input_size
+    return torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_is_bit_identical_to_the_step_by_step_forward(name, train):
+    torch.manual_seed(0)
+    model = build(name, num_classes=7, transform_input=name == "bn").train(train)
+    x = api_input(name, train)
+    torch.manual_seed(5)  # the same dropout draws for both
+    with torch.no_grad():
+        got = model(x)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = reference_forward(model, x)
+    if train:
+        assert [t is None for t in got] == [False] * 3
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_features_and_head_compose_to_forward(name):
+    model = build(name, num_classes=7).eval()
+    x = api_input(name, train=False)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        side = googlenet.get_spec(name).min_input_size
+        assert feats.shape[:2] == (2, 1024) and feats.shape[2] == feats.shape[3] < side
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert torch.equal(pooled, feats.mean((2, 3)))
+        assert torch.equal(model.forward_head(feats), model(x))
+        assert torch.equal(model.fc(pooled), model(x))
+    with pytest.raises(UserError, match="3 input channels"):
+        model.forward_features(torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_reset_classifier_replaces_fc_and_aux_heads(name):
+    torch.manual_seed(0)
+    model = build(name, num_classes=7).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model.pretrained_cfg["num_classes"] == 3
+    sd = model.state_dict()
+    changed = {k for k in sd if k not in before or not torch.equal(sd[k], before[k])}
+    heads = {f"{h}.{p}" for h in ("fc", "aux1.fc2", "aux2.fc2") for p in ("weight", "bias")}
+    assert changed == heads  # the backbone and the aux heads' other layers are kept
+    assert sd["fc.weight"].shape == (3, 1024) and sd["fc.weight"].dtype == torch.float64
+    # Initialised as a fresh model of 3 classes initialises them (same scheme, same spread).
+    fresh = build(name, num_classes=3).state_dict()
+    for key in heads:
+        new, want = sd[key].float(), fresh[key]
+        assert new.shape == want.shape
+        torch.testing.assert_close(new.mean(), want.mean(), rtol=0, atol=0.01)
+        torch.testing.assert_close(new.std(), want.std(), rtol=0.3, atol=1e-6)
+    out = model.train()(api_input(name, train=True).double())
+    assert [t.shape for t in out] == [(2, 3)] * 3
+    with pytest.raises(UserError, match="positive integer"):
+        model.reset_classifier(0)
+
+
+def test_reset_classifier_without_aux_heads():
+    model = build("cifar", aux_logits=False)
+    model.reset_classifier(4)
+    assert model.aux1 is None and model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_pretrained_cfg_describes_the_variant_and_builds_its_preprocess(name):
+    from googlenet.transforms import Preprocess
+
+    model = build(name)
+    cfg = model.pretrained_cfg
+    spec = googlenet.get_spec(name)
+    side = spec.input_size
+    assert cfg["input_size"] == (3, side, side) and cfg["num_classes"] == spec.num_classes
+    assert cfg["interpolation"] == "bilinear" and 0 < cfg["crop_pct"] <= 1
+    # The named layers exist: first_conv takes 3 channels, classifier gives num_classes.
+    assert model.get_submodule(cfg["first_conv"]).in_channels == 3
+    assert model.get_submodule(cfg["classifier"]).out_features == spec.num_classes
+    pp = Preprocess.from_cfg(cfg)
+    assert (pp.input_size, pp.mean, pp.std) == (side, cfg["mean"], cfg["std"])
+    # ImageNet variants: torchvision's Resize(256) + CenterCrop(224); CIFAR images whole.
+    assert pp.resize == {224: 256, 32: 32}[side]
+    assert (pp.mean[0] == 0.485) == (name != "cifar")
+
+
+def test_preprocess_from_a_bad_cfg_is_a_one_line_error():
+    from googlenet.transforms import Preprocess
+
+    cfg = build("cifar").pretrained_cfg
+    with pytest.raises(UserError, match="missing key"):
+        Preprocess.from_cfg({k: v for k, v in cfg.items() if k != "mean"})
+    with pytest.raises(UserError, match="square input"):
+        Preprocess.from_cfg(cfg | {"input_size": (3, 32, 40)})
+    with pytest.raises(UserError, match="bilinear"):
+        Preprocess.from_cfg(cfg | {"interpolation": "bicubic"})

@@ -16,22 +16,7 @@ from googlenet.cli import main
 from googlenet.errors import UserError
 from googlenet.model import build
 from googlenet.torchvision_weights import convert_torchvision, imagenet_classes
-from tests.conftest import reference_shapes
-
-
-def synthetic_state(aux: bool = True) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in reference_shapes().items():
-        if not aux and key.startswith(("aux1.", "aux2.")):
-            continue
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(100, dtype=torch.int64)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[key] = torch.randn(shape, generator=g) * 0.05
-    return state
+from tests.conftest import synthetic_state
 
 
 def test_imagenet_class_names():

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from googlenet.errors import UserError
+
 _SRC = Path(__file__).with_name("fastpool.c")
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -102,6 +104,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     if dll is None:
         return None
+    _state["path"] = lib
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for name in ("maxpool3_forward_bf16", "maxpool3_backward_bf16"):
         getattr(dll, name).argtypes = [p, p, p, *[i64] * 8]
@@ -110,13 +113,32 @@ def _build() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source and CPU, cached under ~/.cache/googlenet);
-    None where no C compiler is present or the build fails. GOOGLENET_FAST_POOL=0 disables it."""
+    """The compiled kernel (built once per source and CPU, cached in $GOOGLENET_CACHE, else
+    ~/.cache/googlenet); None where no C compiler is present or the build fails.
+    GOOGLENET_FAST_POOL=0 disables it."""
     with _lock:
         if "lib" not in _state:
             off = os.environ.get("GOOGLENET_FAST_POOL", "1") == "0"
             _state["lib"] = None if off else _build()
         return _state["lib"]  # type: ignore[return-value]
+
+
+def build_kernel() -> Path:
+    """Build the kernel for this CPU into the cache now (or find it there) and return its path:
+    for images made for a known CPU, so the first run does not compile. UserError where it
+    cannot be built."""
+    if os.environ.get("GOOGLENET_FAST_POOL", "1") == "0":
+        raise UserError("GOOGLENET_FAST_POOL=0 turns the max-pool kernel off; unset it to build")
+    with _lock:
+        dll = _build()  # always into today's cache, whatever an earlier library() loaded
+        if dll is None:
+            raise UserError(
+                f"could not build the max-pool kernel into {_cache_dir()}: no C compiler "
+                "($CC, cc or gcc), the compile failed or the folder is not writable; "
+                "max-pools run ATen's kernel"
+            )
+        _state["lib"] = dll
+        return Path(_state["path"])  # type: ignore[arg-type]
 
 
 def _run(fn: ctypes._CFuncPtr, a: Tensor, b: Tensor | None, c: Tensor, sizes: tuple) -> None:

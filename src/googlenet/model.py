@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from googlenet.errors import UserError
-from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD
+from googlenet.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # Paper, Table 1: (name, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj).
 # A max-pool 3x3/2 precedes 4a and 5a (maxpool3, maxpool4).
@@ -120,6 +120,16 @@ VARIANTS: dict[str, VariantSpec] = {
         dropout=0.2,
         init="kaiming",
     ),
+}
+
+
+# What each variant's input is normalised with and what fraction of the resized image its
+# validation crop keeps (ImageNet's 224 of 256; CIFAR's 32-px images are used whole).
+DESIGN_DATA: dict[str, tuple[tuple[float, ...], tuple[float, ...], float]] = {
+    "paper": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
+    "article": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
+    "bn": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
+    "cifar": (CIFAR10_MEAN, CIFAR10_STD, 1.0),
 }
 
 
@@ -313,7 +323,8 @@ class GoogLeNet(nn.Module):
         std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (x * std + mean - 0.5) / 0.5
 
-    def forward(self, x: Tensor) -> GoogLeNetOutputs | Tensor:
+    def _body(self, x: Tensor, aux: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The feature map after inception5b, and the aux heads' logits (when `aux`)."""
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self.check_input(x)
         if self.spec.transform_input:
@@ -327,16 +338,69 @@ class GoogLeNet(nn.Module):
         x = self.maxpool2(x)
         x = self.inception3b(self.inception3a(x))
         x = self.inception4a(self.maxpool3(x))
-        aux1 = self.aux1(x) if self.aux1 is not None and self.training else None
+        aux1 = self.aux1(x) if aux and self.aux1 is not None else None
         x = self.inception4d(self.inception4c(self.inception4b(x)))
-        aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
+        aux2 = self.aux2(x) if aux and self.aux2 is not None else None
         x = self.inception4e(x)
-        x = self.inception5b(self.inception5a(self.maxpool4(x)))
+        x = self.inception5b(self.inception5a(self.maxpool4(x)))  # N x 1024 x H/32 x W/32
+        return x, aux1, aux2
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map, N x 1024 x H x W (timm's convention); no aux heads."""
+        return self._body(x, aux=False)[0]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Feature map -> logits: global average pool, dropout, fc. pre_logits: stop before
+        fc and return the pooled N x 1024 features (after dropout, as timm does)."""
         x = torch.flatten(self.avgpool(x), 1)  # N x 1024
-        logits = self.fc(self.dropout(x))  # N x num_classes
+        x = self.dropout(x)
+        return x if pre_logits else self.fc(x)  # N x num_classes
+
+    def forward(self, x: Tensor) -> GoogLeNetOutputs | Tensor:
+        # The aux heads run mid-body, before the head's dropout: the random draws keep the
+        # order they always had, so a seeded run gives the same numbers.
+        x, aux1, aux2 = self._body(x, aux=self.training)
+        logits = self.forward_head(x)
         if self.training:
             return GoogLeNetOutputs(logits, aux1, aux2)
         return logits
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New fc and aux-head output layers for `num_classes`, initialised as the variant
+        initialises them (timm's convention; the aux heads too, so they train on the new
+        classes). The rest of the network is kept."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise UserError(
+                f"reset_classifier: num_classes must be a positive integer, got {num_classes!r} "
+                "(pooled features: forward_head(x, pre_logits=True))"
+            )
+        old = self.fc.weight
+        self.fc = nn.Linear(1024, num_classes).to(old.device, old.dtype)
+        init_weights(self.fc, self.spec.init)
+        for head in (self.aux1, self.aux2):
+            if head is not None:
+                head.fc2 = nn.Linear(1024, num_classes).to(old.device, old.dtype)
+                init_weights(head.fc2, self.spec.init)
+        self.spec = replace(self.spec, num_classes=num_classes)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """What the network expects, with timm's keys: transforms.Preprocess.from_cfg builds
+        the validation preprocessing from it."""
+        spec = self.spec
+        mean, std, crop_pct = DESIGN_DATA.get(spec.name, DESIGN_DATA["bn"])
+        return {
+            "architecture": f"googlenet_{spec.name}",
+            "input_size": (3, spec.input_size, spec.input_size),
+            "min_input_size": (3, spec.min_input_size, spec.min_input_size),
+            "mean": tuple(mean),
+            "std": tuple(std),
+            "interpolation": "bilinear",  # antialiased when shrinking, as transforms.resample
+            "crop_pct": crop_pct,
+            "num_classes": spec.num_classes,
+            "first_conv": "conv1.conv",
+            "classifier": "fc",
+        }
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:

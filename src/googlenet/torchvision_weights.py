@@ -1,6 +1,7 @@
 """Import torchvision's ImageNet GoogLeNet weights (googlenet-1378be20.pth, downloaded by the
-user) into a googlenet checkpoint: the `bn` variant, transform_input=True, 1000 ImageNet class
-names and torchvision's preprocessing (resize 256, centre crop 224, ImageNet mean/std).
+user or by weights.fetch) into a googlenet checkpoint: the `bn` variant, transform_input=True,
+1000 ImageNet class names and torchvision's preprocessing (resize 256, centre crop 224,
+ImageNet mean/std).
 
 The .pth is read with torch.load(weights_only=True), which refuses anything but tensors and
 plain containers, so no code in the file runs; .safetensors files are accepted too.
@@ -60,7 +61,7 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
     with missing, extra or wrongly shaped keys is rejected with a message listing them)."""
     from googlenet.checkpoint import CheckpointMeta, load_state_dict_strict, save_checkpoint
     from googlenet.model import build
-    from googlenet.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from googlenet.transforms import Preprocess
 
     src = Path(path)
     state = read_state_dict(src)
@@ -72,7 +73,7 @@ def convert_torchvision(path: str | Path, out_dir: str | Path) -> Path:
         model=model_args,
         classes=imagenet_classes(),
         # torchvision's evaluation transform: Resize(256), CenterCrop(224), ImageNet stats.
-        preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, resize=256),
+        preprocess=Preprocess.from_cfg(model.pretrained_cfg),
         dataset="imagenet",
         provenance={
             "source": "torchvision",

@@ -8,6 +8,8 @@ normalises with.
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,6 +290,24 @@ class Preprocess:
             raise UserError(f"{source}: 'preprocess' has no field {e}") from e
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad 'preprocess' {pp!r}: {e}") from e
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> Preprocess:
+        """From a model's pretrained_cfg (timm's keys): crop input_size from the image resized
+        to floor(side / crop_pct), as timm's eval transform sizes it."""
+        try:
+            _, h, w = cfg["input_size"]
+            crop_pct, interpolation = float(cfg["crop_pct"]), cfg["interpolation"]
+            mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"pretrained_cfg: bad or missing key ({e!s})") from e
+        if h != w or interpolation != "bilinear" or not 0 < crop_pct <= 1:
+            raise UserError(
+                f"pretrained_cfg: Preprocess takes square input, bilinear resampling and "
+                f"0 < crop_pct <= 1, got input_size {cfg['input_size']}, {interpolation!r}, "
+                f"crop_pct {crop_pct}"
+            )
+        return cls(int(h), mean, std, math.floor(int(h) / crop_pct))  # type: ignore[arg-type]
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(resized height, resized width, top, left) of the centre crop for an image."""

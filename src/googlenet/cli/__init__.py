@@ -2,8 +2,9 @@
 
 Bad input raises UserError anywhere below; here it becomes one line on stderr and exit code 2.
 
-The sub-commands live by what they work on: data.py (summary, download, shards), train.py,
-infer.py (evaluate, predict, export, import-torchvision), insight.py (explain, report, serve).
+The sub-commands live by what they work on: data.py (summary, download, shards, build-kernel),
+train.py, infer.py (evaluate, predict, export, import-torchvision), insight.py (explain, report,
+serve).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`googlenet summary`, `download` and `shards`: the network's table, the data sets."""
+"""`googlenet summary`, `download`, `shards` and `build-kernel`: the network's table, the data
+sets, the max-pool kernel built ahead of time."""
 
 from __future__ import annotations
 
@@ -112,3 +113,25 @@ def _run_shards(args: argparse.Namespace) -> int:
 
 
 COMMANDS.append(_add_shards)
+
+
+# --- build-kernel ---
+def _add_build_kernel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build-kernel",
+        help="compile the C max-pool kernel for this CPU into the cache now",
+        description="Compile fastpool.c with -march=native for this CPU into $GOOGLENET_CACHE "
+        "(else ~/.cache/googlenet), as the first bf16 CPU run would; for images built for a "
+        "known CPU. GOOGLENET_FAST_POOL=0 turns the kernel off.",
+    )
+    p.set_defaults(func=_run_build_kernel)
+
+
+def _run_build_kernel(args: argparse.Namespace) -> int:
+    from googlenet.fastpool import build_kernel
+
+    print(f"max-pool kernel for this CPU: {build_kernel()}")
+    return 0
+
+
+COMMANDS.append(_add_build_kernel)

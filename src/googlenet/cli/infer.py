@@ -140,15 +140,22 @@ def _add_import_torchvision(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import-torchvision", help="convert torchvision's ImageNet GoogLeNet weights"
     )
-    p.add_argument("file", metavar="FILE", help="googlenet-1378be20.pth or a .safetensors")
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", default=None,
+        help="googlenet-1378be20.pth (checked against its hash prefix) or a .safetensors; "
+        "none: download torchvision's file into $TORCH_HOME/hub/checkpoints once",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for the checkpoint (best.safetensors)")
     p.set_defaults(func=_run_import_torchvision)
 
 
 def _run_import_torchvision(args: argparse.Namespace) -> int:
     from googlenet.torchvision_weights import convert_torchvision
+    from googlenet.weights import check_named_file, fetch
 
-    path = convert_torchvision(args.file, args.out)
+    file = args.file or fetch("torchvision", progress=True)
+    check_named_file(file)
+    path = convert_torchvision(file, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -42,7 +42,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--init",
         default=None,
         metavar="CKPT",
-        help="start from this checkpoint or run folder (config key init; see --recipe finetune)",
+        help="start from this checkpoint or run folder, or 'torchvision' (its ImageNet weights, "
+        "downloaded once; an existing path of that name wins) (config key init; see --recipe "
+        "finetune)",
     )
     p.add_argument(
         "--resume",

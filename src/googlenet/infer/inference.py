@@ -123,11 +123,14 @@ def load(
     weights: str = "auto",
     precision: str = "fp32",
 ) -> Predictor:
-    """Load a checkpoint (file or run folder) as a Predictor: `googlenet.load(p).predict(x)`.
+    """Load a checkpoint (file or run folder, or a weights name: "torchvision", downloaded once;
+    an existing path wins) as a Predictor: `googlenet.load(p).predict(x)`.
     weights: auto (what the run validated) | model | ema; device: auto | cpu | cuda;
     precision: fp32 | bf16 | fp16 | auto."""
     from googlenet.checkpoint import bad_metadata, load_model
+    from googlenet.weights import resolve
 
+    checkpoint = resolve(checkpoint)
     model, meta = load_model(checkpoint, weights=weights)
     with bad_metadata(checkpoint):
         return Predictor(model, meta, device, precision)

@@ -53,7 +53,7 @@ RANGES: dict[str, tuple[str, ...]] = {
         "lookahead_every", "holdout", "checkpoint_every_s", "serve_min_steps",
     ),
     ">= -1": ("loader_workers",),
-    "in (0, 1]": ("train_crop", "train_crop_until", "bn_momentum"),
+    "in (0, 1]": ("train_crop", "train_crop_until", "bn_momentum", "min_area"),
     "in [0, 1)": (
         "warmup", "label_smoothing", "ema_decay", "momentum", "lookahead_decay", "max_bad_images",
     ),
@@ -102,6 +102,9 @@ class TrainConfig:
     flip: bool = True  # random horizontal flip
     cutout: int = 0  # side of a random square erased from each image (0: off)
     scale_aspect: bool = False  # paper's crop: 8%-100% of the area, aspect ratio 3/4-4/3
+    # scale_aspect's smallest crop, as a fraction of the image's area (the paper's 0.08); raise
+    # it for sources smaller than the input (CIFAR's 32 px at 224: 0.08 is a 9-px crop x25)
+    min_area: float = 0.08
     photometric: bool = False  # paper's photometric distortions (brightness/contrast/...)
     # --- optimisation ---
     epochs: float = 1.6  # passes over the training data; a fraction ends the last pass early
@@ -130,7 +133,9 @@ class TrainConfig:
     whiten_init: bool = True  # conv1 from the whitening of training patches (skipped with init)
     alternate_flip: bool = True  # flip each image on alternate epochs instead of at random
     # --- fine-tuning (finetune.py) ---
-    init: str = ""  # start from this checkpoint (fresh start only; a resume restores its own)
+    # start from this checkpoint, or a weights name ("torchvision"; an existing path wins);
+    # fresh start only, a resume restores its own
+    init: str = ""
     init_partial: bool = False  # init: load what fits, leave other mismatched tensors fresh
     freeze: str = ""  # freeze every block up to and including this one (summary's names)
     backbone_lr_scale: float = 1.0  # lr factor for every parameter outside aux1/aux2/fc

@@ -76,8 +76,11 @@ def _field(meta: Any, name: str) -> Any:
 
 
 def read_init(path: str | Path) -> InitSource:
-    """Read an `init` checkpoint (file or run folder); one-line UserErrors naming the file."""
-    p = Path(path)
+    """Read an `init` checkpoint (file or run folder, or a weights name such as "torchvision";
+    an existing path wins); one-line UserErrors naming the file."""
+    from googlenet.weights import resolve
+
+    p = resolve(path)
     if p.is_file() and p.suffix in (".pth", ".pt", ".pkl", ".bin"):
         raise UserError(
             f"{p}: a PyTorch weights file, not a googlenet checkpoint; convert torchvision's "
@@ -235,3 +238,44 @@ def freeze(model: nn.Module, upto: str) -> list[str]:
                 m.train = _eval_only.__get__(m)  # instance override, survives deepcopy
                 m.eval()
     return frozen
+
+
+DEGENERATE_COSINE = 0.99  # mean pairwise cosine of pooled features above which init warns
+
+
+def mean_pairwise_cosine(features: Tensor) -> float:
+    """The mean cosine similarity between different rows of N x D features (N >= 2)."""
+    f = torch.nn.functional.normalize(features.double(), dim=1)
+    n = f.shape[0]
+    return float(((f @ f.T).sum() - n) / (n * (n - 1)))
+
+
+def check_init_features(
+    model: nn.Module, train_set: Any, size: int, mean: Any, std: Any, n: int = 16
+) -> None:
+    """Warn when the initialised model's pooled features hardly differ between training
+    images (random or broken weights: fine-tuning them rarely beats training from scratch).
+    One unaugmented batch, eval mode; streamed data (no random access) is not checked."""
+    import warnings
+
+    from googlenet.data.loader import BatchLoader
+
+    if getattr(train_set, "labels", None) is None or not hasattr(train_set, "subset"):
+        return
+    idx = torch.arange(min(n, len(train_set)))
+    if len(idx) < 2:
+        return
+    pp = Preprocess(size, mean, std, size)  # as whitening samples: resized whole, no crop
+    x, _ = next(iter(BatchLoader(train_set.subset(idx), len(idx), preprocess=pp)))
+    was_training = model.training
+    with torch.no_grad():
+        pooled = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    model.train(was_training)
+    cosine = mean_pairwise_cosine(pooled)
+    if cosine > DEGENERATE_COSINE:
+        warnings.warn(
+            f"init: the checkpoint's pooled features are nearly the same for every image "
+            f"(mean pairwise cosine {cosine:.4f} on {len(idx)} training images): random or "
+            "broken weights?",
+            stacklevel=2,
+        )

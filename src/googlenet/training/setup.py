@@ -186,6 +186,8 @@ def _setup_model(
         for line in report.lines():
             note(line)
         init_record = report.record(finetune.checksum(init.path))
+        pp = data.val_pp
+        finetune.check_init_features(raw, data.train_set, pp.input_size, pp.mean, pp.std)
     raw.train()
     raw.check_input(torch.empty(0, 3, data.size, data.size))
     apply_norm_options(cfg, raw)
@@ -207,18 +209,24 @@ def _setup_model(
     return raw, args, init_record, frozen
 
 
-def _make_loaders(
-    cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
-) -> tuple[Any, Any]:
-    """The training loader (shuffled, augmented, whole batches) and the validation loader."""
-    augment = Augment(
+def augment_of(cfg: TrainConfig) -> Augment:
+    """The training augmentation the config asks for."""
+    return Augment(
         crop_padding=cfg.crop_padding,
         flip=cfg.flip,
         cutout=cfg.cutout,
         scale_aspect=cfg.scale_aspect,
         photometric=cfg.photometric,
         alternate_flip=cfg.alternate_flip,
+        min_area=cfg.min_area,
     )
+
+
+def _make_loaders(
+    cfg: TrainConfig, d: Dist, device: torch.device, data: _Data, per_rank: int
+) -> tuple[Any, Any]:
+    """The training loader (shuffled, augmented, whole batches) and the validation loader."""
+    augment = augment_of(cfg)
     kw: dict[str, Any] = dict(device=device, rank=d.rank, world_size=d.world_size,
                               channels_last=cfg.channels_last)  # fmt: skip
     if not isinstance(data.train_set, ArrayDataset):  # decoded from files while training
